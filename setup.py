@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="var-toolkit",
+    version="0.1.0",
+    description=(
+        "Visual autoregressive (next-scale prediction) image generation: multi-scale VQ tokenizer, "
+        "VAR transformer, CoDe / ScaleKV / SJD samplers and FID/IS evaluation"
+    ),
+    packages=find_packages(include=["var", "var.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "einops",
+        "accelerate",
+        "timm",
+        "pillow",
+        "torch-fidelity",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "scikit-learn",
+        "scipy",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest", "ruff"]},
+    entry_points={"console_scripts": ["var=var.cli:main"]},
+)

@@ -1,0 +1,238 @@
+"""The scale loop every VAR sampler is built from.
+
+Three pieces, each replaceable on its own:
+
+* :class:`DecodeState` — what has been decided so far for a batch: the token maps, the running f_hat and
+  the continuous input features of every scale after the first (CoDe's "token hub").  It does not belong
+  to any transformer, so one model can hand it to another.
+* :class:`ScaleRunner` — one transformer bound to a batch: its class conditions (conditional half, then the
+  null-class half for guidance) and its KV cache.  ``logits_for(state, si)`` returns the logits of scale si,
+  first pre-filling in one block-causal pass whatever earlier scales the cache does not hold yet; so a
+  model that joins half-way (the CoDe refiner) just starts asking at its first scale.
+* :class:`KVPolicy` — how a runner's cache is built (full, or compressed by ScaleKV).
+
+:class:`VARSampler` runs ``choose_tokens`` / ``advance`` over a range of scales with one runner; add-on
+samplers reuse these steps with other runners, ranges and caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from var.models.kv_cache import KVCache
+from var.models.var import VAR
+from var.sample.logits import SamplingSettings, draw, guidance_weight, guide, gumbel_smooth, target_logits
+from var.tokenizers.vqvae import VQVAE
+
+
+@dataclass
+class SampleOutput:
+    """Images in [0, 1] (B, 3, H, W), the index map of every scale, the final f_hat and run statistics."""
+
+    images: torch.Tensor
+    indices: list[torch.Tensor]
+    f_hat: torch.Tensor
+    stats: dict = field(default_factory=dict)
+    guided_logits: list[torch.Tensor] | None = None
+
+
+@dataclass
+class DecodeState:
+    """Everything decided so far for one batch of images."""
+
+    labels: torch.Tensor  # (B,)
+    f_hat: torch.Tensor  # (B, Cvae, h, w) running sum of the refined scale features
+    generator: torch.Generator | None
+    indices: list[torch.Tensor] = field(default_factory=list)  # per scale (B, pn*pn)
+    features: list[torch.Tensor] = field(default_factory=list)  # input of scale si+1: (B, pn_{si+1}^2, Cvae)
+    guided_logits: list[torch.Tensor] | None = None
+    passes: int = 0  # transformer forward passes
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def scales_done(self) -> int:
+        return len(self.indices)
+
+
+class KVPolicy:
+    """Builds the KV cache of a runner.  The default keeps every scale except the last, uncompressed.
+
+    The last scale's keys/values are never read again, so they are used for its own attention only;
+    together with keys stored in the compute dtype this is an exact memory saving over the official code.
+    """
+
+    name = "full"
+
+    def make_cache(self, model: VAR, rows: int) -> KVCache:
+        cfg = model.config
+        return KVCache(cfg.depth, cfg.seq_len - cfg.tokens_per_scale[-1])
+
+
+class ScaleRunner:
+    """One transformer and its KV cache, decoding a batch scale by scale."""
+
+    def __init__(self, model: VAR, labels: torch.Tensor, kv_policy: KVPolicy | None = None):
+        self.model = model
+        null = torch.full_like(labels, model.num_classes)
+        self.cond = model.class_condition(torch.cat((labels, null)))  # (2B, C): conditional, then null class
+        self.cache = (kv_policy or KVPolicy()).make_cache(model, self.cond.shape[0])
+        self.cached_scales = 0  # scales 0..cached_scales-1 are in the cache
+
+    def scale_inputs(self, state: DecodeState, scale_index: int) -> torch.Tensor | None:
+        """Continuous input features of a scale (None for scale 0, whose input is the SOS token)."""
+        return state.features[scale_index - 1] if scale_index > 0 else None
+
+    def forward_scales(
+        self,
+        first: int,
+        last: int,
+        features: Sequence[torch.Tensor | None],
+        state: DecodeState,
+    ) -> torch.Tensor:
+        """One transformer pass over scales first..last on top of the cached scales < first.
+
+        ``features[j]`` is the input of scale first+j (None for scale 0).  Blocks attend block-causally;
+        their keys/values are appended to the cache unless the pass reaches the last scale.
+        Returns the hidden states (2B, n_first + ... + n_last, C).
+        """
+        model = self.model
+        num_scales = model.config.num_scales
+        begin = model.config.scale_bounds[first][0]
+        present = [f for f in features if f is not None]
+        inputs = torch.cat(present, dim=1).repeat(2, 1, 1) if present else None  # same content for both halves
+        x = model.input_tokens(self.cond, inputs, begin)
+        mask = model.scale_mask(first, last, self.cache.length)
+        self.cache.begin_pass(last, persist=last < num_scales - 1)
+        hidden = model.forward_hidden(x, self.cond, attn_mask=mask, cache=self.cache)
+        self.cached_scales = last + 1
+        state.passes += 1
+        return hidden
+
+    def logits_for(self, state: DecodeState, scale_index: int) -> torch.Tensor:
+        """Unguided logits (2B, pn^2, V) of one scale, pre-filling any earlier scales not yet cached."""
+        first = self.cached_scales
+        if first > scale_index:
+            raise RuntimeError(f"scale {scale_index} is already in the cache (cached up to {first - 1})")
+        features = [self.scale_inputs(state, si) for si in range(first, scale_index + 1)]
+        hidden = self.forward_scales(first, scale_index, features, state)
+        count = self.model.config.tokens_per_scale[scale_index]
+        return self.model.logits(hidden[:, -count:], self.cond)
+
+
+class VARSampler:
+    """Plain next-scale-prediction sampling (the official ``autoregressive_infer_cfg``), KV-cached.
+
+    Args:
+        model: the VAR transformer.
+        vqvae: the tokenizer it was trained with.
+        settings: guidance and filtering (:class:`SamplingSettings`).
+        kv_policy: how KV caches are built (default: exact, last scale uncached).
+    """
+
+    name = "var"
+
+    def __init__(
+        self,
+        model: VAR,
+        vqvae: VQVAE,
+        settings: SamplingSettings | None = None,
+        kv_policy: KVPolicy | None = None,
+    ):
+        self.model = model
+        self.vqvae = vqvae
+        self.settings = settings or SamplingSettings()
+        self.kv_policy = kv_policy or KVPolicy()
+        self.num_scales = model.config.num_scales
+        if tuple(vqvae.patch_nums) != tuple(model.config.patch_nums):
+            raise ValueError(
+                f"tokenizer patch_nums {vqvae.patch_nums} differ from the transformer's {model.config.patch_nums}"
+            )
+
+    # -- the steps -------------------------------------------------------------------------------------
+    def begin(
+        self,
+        labels: torch.Tensor | Sequence[int] | int,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        record_logits: bool = False,
+    ) -> DecodeState:
+        """Validate labels, seed the generator and start with an empty f_hat."""
+        device = next(self.model.parameters()).device
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        labels = self.resolve_labels(labels, device, generator, batch_size)
+        side = self.model.config.patch_nums[-1]
+        f_hat = torch.zeros(labels.shape[0], self.model.config.z_channels, side, side, device=device)
+        return DecodeState(labels, f_hat, generator, guided_logits=[] if record_logits else None)
+
+    def resolve_labels(self, labels, device, generator, batch_size) -> torch.Tensor:
+        num_classes = self.model.num_classes
+        if labels is None:
+            if batch_size is None:
+                raise ValueError("pass labels or batch_size")
+            uniform = torch.ones(num_classes, device=device)
+            return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
+        if isinstance(labels, int):
+            labels = [labels] * (batch_size or 1)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+        labels = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)  # -1: unconditional
+        self.model.check_labels(labels)
+        return labels
+
+    def choose_tokens(self, state: DecodeState, scale_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Guide, filter and draw the tokens of one scale; returns their features (B, Cvae, pn, pn)."""
+        guided = guide(logits, guidance_weight(self.settings.cfg, scale_index, self.num_scales))
+        if state.guided_logits is not None:
+            state.guided_logits.append(guided.clone())
+        processed = target_logits(guided, self.settings, scale_index)
+        indices = draw(processed.softmax(dim=-1), state.generator)  # (B, pn^2)
+        codebook = self.vqvae.quantize.embedding.weight
+        if self.settings.more_smooth:
+            ratio = scale_index / (self.num_scales - 1) if self.num_scales > 1 else 1.0
+            features = gumbel_smooth(processed, ratio, state.generator) @ codebook  # (B, pn^2, Cvae)
+        else:
+            features = codebook[indices]
+        state.indices.append(indices)
+        side = self.model.config.patch_nums[scale_index]
+        return features.transpose(1, 2).reshape(state.batch_size, -1, side, side)
+
+    def advance(self, state: DecodeState, scale_index: int, features: torch.Tensor) -> None:
+        """Add a scale's features to f_hat and record the next scale's input."""
+        _, next_features = self.vqvae.quantize.next_input(scale_index, state.f_hat, features.float())
+        if next_features is not None:
+            state.features.append(next_features)
+
+    def run_scales(self, runner: ScaleRunner, state: DecodeState, start: int, stop: int) -> None:
+        """Decode scales start..stop-1 with one runner."""
+        for scale_index in range(start, stop):
+            logits = runner.logits_for(state, scale_index)
+            self.advance(state, scale_index, self.choose_tokens(state, scale_index, logits))
+
+    def finish(self, state: DecodeState, **stats) -> SampleOutput:
+        """Decode f_hat to images in [0, 1]."""
+        images = self.vqvae.fhat_to_image(state.f_hat).add(1).mul(0.5)
+        stats.setdefault("passes", state.passes)
+        return SampleOutput(images.float(), state.indices, state.f_hat, stats, state.guided_logits)
+
+    # -- the whole loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor | Sequence[int] | int | None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        record_logits: bool = False,
+    ) -> SampleOutput:
+        """Sample one image per label (-1 or ``num_classes`` = unconditional; None = random labels)."""
+        state = self.begin(labels, seed, generator, batch_size, record_logits)
+        runner = ScaleRunner(self.model, state.labels, self.kv_policy)
+        self.run_scales(runner, state, 0, self.num_scales)
+        return self.finish(state, kv_bytes=runner.cache.allocated_bytes())

@@ -1,0 +1,101 @@
+"""Token selection: classifier-free guidance, top-k / top-p filtering, temperature, Gumbel smoothing.
+
+Kept apart from the scale loop so that every sampler (plain, CoDe, ScaleKV, speculative) turns logits into
+tokens with exactly the same rule, and speculative verification can compute the same target distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingSettings:
+    """How logits become tokens.  Each of top_k / top_p / temperature may be one value or one per scale.
+
+    ``cfg`` is the guidance weight at the last scale; the weight ramps linearly from 0 at the first scale
+    (official VAR).  Temperature divides the logits *after* top-k/top-p filtering (as CoDe does); 1.0 is
+    the official VAR behaviour.  ``more_smooth`` feeds Gumbel-softmax mixtures of codes instead of hard
+    codes to f_hat (official "more_smooth", better-looking but not used for FID).
+    """
+
+    cfg: float = 1.5
+    top_k: int | Sequence[int] = 900
+    top_p: float | Sequence[float] = 0.96
+    temperature: float | Sequence[float] = 1.0
+    more_smooth: bool = False
+
+    def at(self, scale_index: int) -> tuple[int, float, float]:
+        """(top_k, top_p, temperature) of one scale."""
+        return (
+            int(_per_scale(self.top_k, scale_index, "top_k")),
+            float(_per_scale(self.top_p, scale_index, "top_p")),
+            float(_per_scale(self.temperature, scale_index, "temperature")),
+        )
+
+
+def _per_scale(value, scale_index: int, name: str):
+    if isinstance(value, (int, float)):
+        return value
+    if scale_index >= len(value):
+        raise ValueError(f"{name} has {len(value)} per-scale values but scale {scale_index} was requested")
+    return value[scale_index]
+
+
+def guidance_weight(cfg: float, scale_index: int, num_scales: int) -> float:
+    """t = cfg * si / (SN - 1): no guidance at the first scale, ``cfg`` at the last."""
+    return cfg * scale_index / (num_scales - 1) if num_scales > 1 else cfg
+
+
+def guide(logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """(1 + t) * cond - t * uncond, where logits (2B, n, V) hold the conditional half first."""
+    batch = logits.shape[0] // 2
+    return (1 + weight) * logits[:batch] - weight * logits[batch:]
+
+
+def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Top-k then top-p filtering in place (filtered entries become -inf); returns ``logits``.
+
+    Top-k keeps every logit equal to the k-th largest (ties survive).  Top-p removes the smallest
+    probabilities whose cumulative mass is <= 1 - top_p but always keeps the most likely token.
+    """
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        threshold = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < threshold, float("-inf"))
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def target_logits(
+    guided: torch.Tensor, settings: SamplingSettings, scale_index: int
+) -> torch.Tensor:
+    """The processed logits plain sampling draws from: filtered, then divided by the temperature."""
+    top_k, top_p, temperature = settings.at(scale_index)
+    processed = filter_logits_(guided.clone(), top_k, top_p)
+    if temperature != 1.0:
+        processed = processed / temperature
+    return processed
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One multinomial draw per row of probs (..., V), in the official RNG order."""
+    vocab = probs.shape[-1]
+    flat = torch.multinomial(probs.reshape(-1, vocab), 1, replacement=True, generator=generator)
+    return flat.view(probs.shape[:-1])
+
+
+def gumbel_smooth(
+    processed: torch.Tensor, ratio: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Soft code weights softmax((logits * (1 + ratio) + g) / tau), g ~ Gumbel, tau shrinking with scale."""
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    gumbel = -torch.empty_like(processed).exponential_(generator=generator).log()
+    return ((processed.mul(1 + ratio) + gumbel) / tau).softmax(dim=-1)

@@ -1,0 +1,320 @@
+"""Multi-scale VQ-VAE: convolutional encoder/decoder around the multi-scale residual quantiser.
+
+Module and parameter names follow the official VAR checkpoint layout (``encoder.down.0.block.1.conv2`` ...),
+so released ``vae_ch160v4096z32.pth`` weights map onto this module one to one (see var/checkpoints.py).
+The defaults are the official configuration; every size is configurable for small models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from var.tokenizers.quantizer import MultiScaleQuantizer
+
+OFFICIAL_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+OFFICIAL_PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclass
+class VQVAEConfig:
+    """Every constructor argument of :class:`VQVAE`; saved beside each checkpoint as JSON."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    dropout: float = 0.0
+    use_attn: bool = True  # self-attention after each res block of the lowest-resolution level
+    use_mid_attn: bool = True
+    norm_groups: int = 32
+    beta: float = 0.25
+    using_znorm: bool = False
+    quant_conv_ks: int = 3
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+    default_qresi_counts: int = 0
+    patch_nums: tuple[int, ...] = field(default=OFFICIAL_PATCH_NUMS_256)
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        if list(self.patch_nums) != sorted(set(self.patch_nums)):
+            raise ValueError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
+        for channels in {self.ch * m for m in self.ch_mult}:
+            if channels % self.norm_groups:
+                raise ValueError(
+                    f"channel count {channels} (ch={self.ch} x ch_mult) is not divisible by "
+                    f"norm_groups={self.norm_groups}; pick ch as a multiple of {self.norm_groups}"
+                )
+
+    @property
+    def downsample(self) -> int:
+        """Image side / latent side."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """The image side that the scale schedule was built for."""
+        return self.patch_nums[-1] * self.downsample
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)
+        # (B, C, HW) -> (B, 1, HW, C): one head over the H*W positions
+        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Pad right/bottom by one, then a stride-2 3x3 convolution without padding (asymmetric, as official)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: res blocks (each optionally followed by attention) and a resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return h
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int, dropout: float, groups: int, use_attn: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups) if use_attn else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> latent (B, z_channels, H / 2^(levels-1), W / 2^(levels-1))."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        groups, levels = cfg.norm_groups, len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        channels = cfg.ch
+        for level, mult in enumerate(cfg.ch_mult):
+            stage = _Level()
+            for _ in range(cfg.num_res_blocks):
+                stage.block.append(ResnetBlock(channels, cfg.ch * mult, cfg.dropout, groups))
+                channels = cfg.ch * mult
+                if level == levels - 1 and cfg.use_attn:
+                    stage.attn.append(AttnBlock(channels, groups))
+            if level != levels - 1:
+                stage.downsample = Downsample(channels)
+            self.down.append(stage)
+        self.mid = _Mid(channels, cfg.dropout, groups, cfg.use_mid_attn)
+        self.norm_out = _norm(channels, groups)
+        self.conv_out = nn.Conv2d(channels, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            h = stage.run_blocks(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, z_channels, h, w) -> image (B, 3, h * 2^(levels-1), ...), unclamped.
+
+    ``up[i]`` is resolution level i (0 = full resolution); levels run from the lowest resolution up,
+    each with ``num_res_blocks + 1`` res blocks, as in the official decoder.
+    """
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        groups, levels = cfg.norm_groups, len(cfg.ch_mult)
+        channels = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
+        self.mid = _Mid(channels, cfg.dropout, groups, cfg.use_mid_attn)
+        stages: list[_Level] = []
+        for level in reversed(range(levels)):
+            stage = _Level()
+            for _ in range(cfg.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(channels, cfg.ch * cfg.ch_mult[level], cfg.dropout, groups))
+                channels = cfg.ch * cfg.ch_mult[level]
+                if level == levels - 1 and cfg.use_attn:
+                    stage.attn.append(AttnBlock(channels, groups))
+            if level != 0:
+                stage.upsample = Upsample(channels)
+            stages.insert(0, stage)
+        self.up = nn.ModuleList(stages)
+        self.norm_out = _norm(channels, groups)
+        self.conv_out = nn.Conv2d(channels, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for stage in reversed(self.up):
+            h = stage.run_blocks(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQVAE(nn.Module):
+    """The multi-scale VQ-VAE tokenizer.
+
+    Images are (B, 3, H, W) in [-1, 1] with H = W = ``patch_nums[-1] * downsample``.  Token maps are lists of
+    (B, pn*pn) int64 tensors, one per scale.
+    """
+
+    def __init__(self, cfg: VQVAEConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or VQVAEConfig(**overrides)
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        padding = cfg.quant_conv_ks // 2
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=padding)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=padding)
+        self.quantize = MultiScaleQuantizer(
+            vocab_size=cfg.vocab_size,
+            z_channels=cfg.z_channels,
+            patch_nums=cfg.patch_nums,
+            beta=cfg.beta,
+            using_znorm=cfg.using_znorm,
+            quant_resi=cfg.quant_resi,
+            share_quant_resi=cfg.share_quant_resi,
+            default_qresi_counts=cfg.default_qresi_counts,
+        )
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        return self.quantize.patch_nums
+
+    def set_patch_nums(self, patch_nums: Sequence[int]) -> None:
+        """Use another scale schedule with the same weights (the VQ-VAE is fully convolutional).
+
+        One checkpoint serves the 256 px and 512 px schedules; phi weights are shared by tick, so only the
+        non-shared mode (``share_quant_resi=0``) ties the weights to one scale count.
+        """
+        patch_nums = tuple(int(p) for p in patch_nums)
+        if self.config.share_quant_resi == 0 and len(patch_nums) != len(self.quantize.phi):
+            raise ValueError(
+                f"this tokenizer has one phi per scale ({len(self.quantize.phi)} scales); it cannot be used "
+                f"with the {len(patch_nums)}-scale schedule {patch_nums}"
+            )
+        self.config.patch_nums = patch_nums
+        self.quantize.patch_nums = patch_nums
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a clear ValueError when ``images`` cannot be tokenized by this model."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
+            )
+        side = self.config.downsample
+        height, width = images.shape[-2:]
+        if height % side or width % side:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the downsample factor {side}; "
+                f"resize or crop to a multiple of {side} (this schedule expects {self.config.image_size})"
+            )
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """quant_conv(encoder(images)): the continuous latent f (B, Cvae, h, w)."""
+        self.check_images(images)
+        return self.quant_conv(self.encoder(images))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Images -> list of per-scale index maps (B, pn*pn)."""
+        f = self.encode_latent(images).float()
+        patch_nums = patch_nums or self._patch_nums_for(f)
+        return self.quantize.quantize(f, patch_nums)[0]
+
+    def _patch_nums_for(self, f: torch.Tensor) -> tuple[int, ...]:
+        if f.shape[-1] != self.patch_nums[-1]:
+            raise ValueError(
+                f"images of side {f.shape[-1] * self.config.downsample} give a {f.shape[-1]}x{f.shape[-1]} "
+                f"latent but patch_nums {self.patch_nums} end at {self.patch_nums[-1]}: pass patch_nums "
+                f"ending at {f.shape[-1]} or use {self.config.image_size} px images"
+            )
+        return self.patch_nums
+
+    def fhat_to_image(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Decode a quantised latent to an image in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+
+    def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-scale index maps -> image in [-1, 1]."""
+        return self.fhat_to_image(self.quantize.indices_to_fhat(indices))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Training pass: (reconstruction (unclamped), vq_loss, per-scale indices)."""
+        f_hat, vq_loss, indices = self.quantize(self.encode_latent(images))
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, indices
