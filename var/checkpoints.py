@@ -242,7 +242,7 @@ def vqvae_config_from_official(state_dict: Mapping[str, torch.Tensor], **overrid
         use_mid_attn="encoder.mid.attn_1.qkv.weight" in state_dict,
         quant_conv_ks=state_dict["quant_conv.weight"].shape[-1], quant_resi=quant_resi,
         share_quant_resi=share, default_qresi_counts=counts,
-        norm_groups=min(32, ch),
+        norm_groups=min(32, ch),  # official GroupNorms have 32 groups; not visible in the weights
     )
     cfg.update(overrides)
     return VQVAEConfig(**cfg)
@@ -271,11 +271,15 @@ def load_official_vqvae(source: str | os.PathLike | Mapping[str, torch.Tensor], 
 def load_official(
     vqvae: str | os.PathLike | Mapping[str, torch.Tensor],
     var: str | os.PathLike | Mapping[str, torch.Tensor],
+    vqvae_overrides: Mapping | None = None,
     **var_overrides,
 ) -> tuple[VQVAE, VAR]:
-    """Load an official (VQ-VAE, VAR) pair; the tokenizer is set to the transformer's scale schedule."""
+    """Load an official (VQ-VAE, VAR) pair; the tokenizer is set to the transformer's scale schedule.
+
+    ``vqvae_overrides`` sets what the weights cannot tell (e.g. ``norm_groups``, ``using_znorm``).
+    """
     var_model = load_official_var(var, **var_overrides)
-    vqvae_model = load_official_vqvae(vqvae, patch_nums=var_model.config.patch_nums)
+    vqvae_model = load_official_vqvae(vqvae, **{"patch_nums": var_model.config.patch_nums, **(vqvae_overrides or {})})
     check_pair(vqvae_model, var_model)
     return vqvae_model, var_model
 

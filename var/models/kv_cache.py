@@ -93,8 +93,8 @@ class KVCache:
     def used_bytes(self) -> int:
         """Bytes of the keys/values currently held (length pointer times row size)."""
         total = 0
-        for keys, values, length in zip(self.keys, self.values, self.lengths):
+        for keys, values, length in zip(self.keys, self.values, self.lengths, strict=True):
             if keys is not None:
-                per_token = keys[:, :, :1].numel() * keys.element_size() + values[:, :, :1].numel() * values.element_size()
-                total += per_token * length
+                rows, heads, _, head_dim = keys.shape
+                total += rows * heads * head_dim * length * (keys.element_size() + values.element_size())
         return total

@@ -182,9 +182,13 @@ class VARSampler:
         if isinstance(labels, int):
             labels = [labels] * (batch_size or 1)
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
-        labels = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)  # -1: unconditional
-        self.model.check_labels(labels)
-        return labels
+        bad = (labels < -1) | (labels >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"label {int(labels[bad][0])} is out of range: this model has {num_classes} classes "
+                f"(0..{num_classes - 1}; -1 samples unconditionally)"
+            )
+        return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)  # -1: the null class
 
     def choose_tokens(self, state: DecodeState, scale_index: int, logits: torch.Tensor) -> torch.Tensor:
         """Guide, filter and draw the tokens of one scale; returns their features (B, Cvae, pn, pn)."""

@@ -1,0 +1,62 @@
+"""Finding and loading a (tokenizer, transformer) pair from what a user points at.
+
+Accepted sources:
+
+* a model bundle directory holding ``vqvae.json/.safetensors`` and ``var.json/.safetensors``
+  (what training writes into every checkpoint directory);
+* a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
+* the official ``.pth`` files, given as ``vae=`` and ``var=``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae
+from var.models.var import VAR
+from var.tokenizers.vqvae import VQVAE
+
+LATEST_POINTER = "latest"
+
+
+def resolve_bundle(path: str | os.PathLike, name: str = "var") -> Path:
+    """The directory that holds checkpoint ``name`` for a bundle or run directory ``path``."""
+    path = Path(path)
+    if (path / f"{name}.json").is_file():
+        return path
+    pointer = path / "checkpoints" / LATEST_POINTER
+    if pointer.is_file():
+        bundle = path / "checkpoints" / pointer.read_text().strip()
+        if (bundle / f"{name}.json").is_file():
+            return bundle
+        raise FileNotFoundError(f"{pointer} points to {bundle}, which holds no '{name}' checkpoint")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint directory (with {name}.json + {name}.safetensors) nor a run directory "
+        f"(with checkpoints/{LATEST_POINTER}); train one with 'var train' or pass official weights with --vae/--var"
+    )
+
+
+def load_pair(
+    ckpt: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    var: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    var_name: str = "var",
+) -> tuple[VQVAE, VAR]:
+    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` files."""
+    if ckpt is not None:
+        bundle = resolve_bundle(ckpt, var_name)
+        vqvae = load_model(bundle, "vqvae")
+        model = load_model(bundle, var_name)
+    elif vae is not None and var is not None:
+        model = load_official_var(var)
+        vqvae = load_official_vqvae(vae, patch_nums=model.config.patch_nums)
+    else:
+        raise ValueError("pass a checkpoint directory (--ckpt) or both official files (--vae and --var)")
+    check_pair(vqvae, model)
+    return vqvae.to(device).eval(), model.to(device).eval()

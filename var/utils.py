@@ -1,0 +1,43 @@
+"""Small helpers shared across the package: devices, precision, image conversion, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; otherwise the named device (clear error if unavailable)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device '{name}' requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, dtype: str = "fp32") -> contextlib.AbstractContextManager:
+    """Mixed-precision context for 'bf16' / 'fp16'; a no-op for 'fp32'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == "fp16":
+        raise SystemExit("fp16 autocast is not supported on CPU; use --dtype bf16 or fp32")
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) -> uint8 (B, 3, H, W), rounded (what PNG export stores)."""
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
