@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig, block_causal_mask, patch_nums_from_tokens
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 
@@ -299,12 +300,11 @@ def check_pair(vqvae: VQVAE, var: VAR) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # our format: NAME.safetensors + NAME.json
-MODEL_KINDS: dict[str, tuple[type, type]] = {"var": (VAR, VARConfig), "vqvae": (VQVAE, VQVAEConfig)}
-
-
-def register_model_kind(kind: str, model_cls: type, config_cls: type) -> None:
-    """Make :func:`load_model` able to rebuild another model class (e.g. the raster AR baseline)."""
-    MODEL_KINDS[kind] = (model_cls, config_cls)
+MODEL_KINDS: dict[str, tuple[type, type]] = {
+    "var": (VAR, VARConfig),
+    "vqvae": (VQVAE, VQVAEConfig),
+    "ar": (RasterAR, ARConfig),
+}
 
 
 def _kind_of(model: nn.Module) -> str:
