@@ -1,0 +1,1 @@
+"""Evaluation: FID/IS/KID/precision-recall, classifier-space metrics on the embedded data, paired metrics."""
