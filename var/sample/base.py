@@ -136,6 +136,7 @@ class VARSampler:
     """
 
     name = "var"
+    decode_chunk = 64
 
     def __init__(
         self,
@@ -219,11 +220,18 @@ class VARSampler:
             logits = runner.logits_for(state, scale_index)
             self.advance(state, scale_index, self.choose_tokens(state, scale_index, logits))
 
-    def finish(self, state: DecodeState, **stats) -> SampleOutput:
-        """Decode f_hat to images in [0, 1]."""
-        images = self.vqvae.fhat_to_image(state.f_hat).add(1).mul(0.5)
+    def finish(self, state: DecodeState, decode: bool = True, **stats) -> SampleOutput:
+        """Decode f_hat to images in [0, 1] (``decode=False`` leaves ``images`` None, for token-only timing).
+
+        The VAE runs in chunks of ``decode_chunk`` images: its full-resolution activations, not the
+        transformer, set the peak memory of large batches otherwise.
+        """
+        images = None
+        if decode:
+            chunks = state.f_hat.split(self.decode_chunk)
+            images = torch.cat([self.vqvae.fhat_to_image(chunk).add(1).mul(0.5).float() for chunk in chunks])
         stats.setdefault("passes", state.passes)
-        return SampleOutput(images.float(), state.indices, state.f_hat, stats, state.guided_logits)
+        return SampleOutput(images, state.indices, state.f_hat, stats, state.guided_logits)
 
     # -- the whole loop ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -234,9 +242,10 @@ class VARSampler:
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         record_logits: bool = False,
+        decode: bool = True,
     ) -> SampleOutput:
-        """Sample one image per label (-1 or ``num_classes`` = unconditional; None = random labels)."""
+        """Sample one image per label (-1 = unconditional; None = ``batch_size`` random labels)."""
         state = self.begin(labels, seed, generator, batch_size, record_logits)
         runner = ScaleRunner(self.model, state.labels, self.kv_policy)
         self.run_scales(runner, state, 0, self.num_scales)
-        return self.finish(state, kv_bytes=runner.cache.allocated_bytes())
+        return self.finish(state, decode, kv_bytes=runner.cache.allocated_bytes())

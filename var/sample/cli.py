@@ -14,7 +14,7 @@ from tqdm import tqdm
 from var.pipeline import load_pair
 from var.sample.logits import SamplingSettings
 from var.sample.registry import SAMPLER_NAMES, build_sampler
-from var.utils import autocast, resolve_device, to_uint8
+from var.utils import autocast, compile_for_sampling, resolve_device, to_uint8
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--var", help="official VAR .pth (with --vae)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    group.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    if args.compile:
+        compile_for_sampling(model, vqvae, args.compile)
     sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args))
     if args.labels is not None:
         labels = torch.tensor(args.labels)
