@@ -303,8 +303,8 @@ def test_random_inception_pipeline_end_to_end(tmp_path):
     make_random_inception_weights(weights)
     with pytest.raises(ValueError, match="--allow-weights-mismatch"):
         Evaluator("inception-v3-compat", None, ["is"], str(weights))
-    set_a = Samples(random_images(6, 0, side=16))
-    set_b = Samples(random_images(6, 1, side=16, low=60, high=180))
+    set_a = Samples(random_images(4, 0, side=16))
+    set_b = Samples(random_images(4, 1, side=16, low=60, high=180))
     save_npz_samples(tmp_path / "a.npz", set_a)
     with pytest.warns(UserWarning, match="not the FID Inception weights"):
         evaluator = Evaluator("inception-v3-compat", str(tmp_path / "a.npz"), ["fid", "is", "kid"], str(weights),

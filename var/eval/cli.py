@@ -63,7 +63,8 @@ def add_parser(subparsers) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="out/eval", help="output folder (report.json, samples.npz, ...)")
     output.add_argument("--png", action="store_true", help="also export every sample as a PNG (OUT/samples/<label>/)")
-    output.add_argument("--no-npz", action="store_true", help="do not export the samples as samples.npz")
+    output.add_argument("--no-npz", action="store_true",
+                        help="do not export the samples as OUT/samples.npz (the OpenAI evaluator's input)")
     output.add_argument("--sweep", help=f"SETTING=V1,V2,...: evaluate each value and plot the metrics "
                                         f"(settings: {', '.join(SWEEPABLE)})")
     output.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -126,7 +127,7 @@ def export_and_evaluate(samples: Samples, evaluator: Evaluator | None, out: Path
     """Write the samples (npz / PNGs), compute the metrics and write OUT/report.json; returns the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     exports = {}
-    if "sampling" in report and not args.no_npz:
+    if not args.no_npz and not str(report.get("samples", "")).endswith(".npz"):
         save_npz_samples(out / "samples.npz", samples)
         exports["npz"] = str(out / "samples.npz")
     if args.png:

@@ -33,6 +33,7 @@ INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 INCEPTION_SHA256_PREFIX = "6726825d"
+DOWNLOADING_EXTRACTORS = ("vgg16", "clip-", "dinov2-")  # torch-fidelity built-ins that fetch weights when run
 SMALL_HOST_CPUS = 8  # below this, torch-fidelity runs without DataLoader workers and with the low-RAM P/R path
 
 
@@ -154,7 +155,7 @@ def resolve_weights(name: str, path: str | None = None, allow_mismatch: bool = F
         if not Path(path).is_file():
             raise FileNotFoundError(f"weights file {path} for extractor '{name}' not found")
         return ExtractorWeights(str(path), sha256_of(path))
-    if name in ("vgg16",) or name.startswith(("clip-", "dinov2-")):
+    if name.startswith(DOWNLOADING_EXTRACTORS):
         raise ValueError(f"extractor '{name}' downloads its weights, which fails offline; pass its file with "
                          "--extractor-weights, or use inception-v3-compat")
     return ExtractorWeights(None, None)  # a weight-free extractor

@@ -9,6 +9,7 @@ global order, so the result is identical for any number of processes.
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import torch
 from accelerate import PartialState
@@ -19,6 +20,8 @@ from var.eval.images import Samples
 from var.sample.cli import sample_in_batches
 from var.utils import resolve_device
 
+COLLECTIVE_TIMEOUT_S = 3 * 3600
+
 
 def class_balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
     """(num_classes * per_class,) labels, class-major: sample i has class i // per_class."""
@@ -28,9 +31,13 @@ def class_balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 def process_state(device: str = "auto") -> tuple[PartialState, torch.device]:
-    """accelerate's process state and this process's device ('cpu' runs the processes over gloo)."""
+    """accelerate's process state and this process's device ('cpu' runs the processes over gloo).
+
+    The collective timeout is long because the other processes wait in the next gather while the main
+    process extracts features and writes exports (minutes for 50k samples).
+    """
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     if device == "auto" or state.num_processes > 1:
         return state, state.device
     return state, resolve_device(device)
