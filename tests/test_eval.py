@@ -326,6 +326,20 @@ def test_classifier_space_fid_grows_with_noise_on_real_digits(digit_classifier_p
     assert results[-1]["class_consistency"] < results[0]["class_consistency"]
 
 
+def test_digit_extractor_is_usable_from_torch_fidelity_directly(tmp_path, digit_classifier_path):
+    samples, reference = digit_images("test", noise=0.3), digit_images("test")
+    save_npz_samples(tmp_path / "ref.npz", reference)
+    ours = Evaluator("digits-classifier", str(tmp_path / "ref.npz"), ["fid", "is"], digit_classifier_path,
+                     progress=False).evaluate(samples)
+    theirs = calculate_metrics(**fidelity_kwargs(
+        False, input1=TensorImages(samples.images), input2=TensorImages(reference.images), fid=True, isc=True,
+        feature_extractor="digits-classifier", feature_extractor_weights_path=digit_classifier_path,
+        isc_splits=1, samples_shuffle=False,
+    ))
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert ours["is"] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
+
+
 # -- the CLI with a model -------------------------------------------------------------------------------------
 def test_eval_ckpt_sweep_exports_reports_and_plot(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "eval"
