@@ -36,3 +36,11 @@ def make_tiny_pair(seed: int = 0, **var_overrides) -> tuple[VQVAE, VAR]:
 @pytest.fixture
 def tiny_pair():
     return make_tiny_pair()
+
+
+@pytest.fixture(scope="session")
+def digit_classifier():
+    """The digit classifier, trained once per test session (6 epochs at 16 px); do not modify it in place."""
+    from var.eval.classifier import train_digit_classifier
+
+    return train_digit_classifier(image_size=16, epochs=6)

@@ -1,11 +1,11 @@
 import torch
 
 from var.data import DigitsDataset
-from var.eval.classifier import class_consistency, train_digit_classifier
+from var.eval.classifier import class_consistency
 
 
-def test_digit_classifier_learns_held_out_digits():
-    classifier = train_digit_classifier(image_size=16, epochs=6)
+def test_digit_classifier_learns_held_out_digits(digit_classifier):
+    classifier = digit_classifier
     held_out = DigitsDataset("test", image_size=16)
     assert class_consistency(classifier, held_out.images, held_out.labels) > 0.93
     # and it is a real judge: shuffled labels score near chance

@@ -7,20 +7,30 @@ initialised Inception network would not (spec_eval.md 4c).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from var.checkpoints import atomic_write
 from var.data.digits import DigitsDataset
 
 
 class DigitClassifier(nn.Module):
-    """Two conv blocks and two linears over (B, 3, S, S) images in [-1, 1]; ``features`` is 128-d."""
+    """Two conv blocks and two linears over (B, 3, S, S) images in [-1, 1]; ``features`` is 128-d.
+
+    ``image_size`` is the side it was trained at (any side runs, but features are comparable at that one).
+    """
 
     feature_dim = 128
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, image_size: int = 16):
         super().__init__()
+        self.num_classes = num_classes
+        self.image_size = image_size
         self.conv = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
@@ -47,7 +57,7 @@ def train_digit_classifier(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     data = DigitsDataset("train", image_size=image_size)
-    model = DigitClassifier()
+    model = DigitClassifier(image_size=image_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps_per_epoch = (len(data) + 63) // 64
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * steps_per_epoch)
@@ -81,3 +91,21 @@ def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) 
 def class_consistency(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of images (in [-1, 1]) that the classifier assigns to their conditioning label."""
     return (predict(classifier, images).cpu() == labels.cpu()).float().mean().item()
+
+
+def save_digit_classifier(model: DigitClassifier, path: str | os.PathLike) -> None:
+    """Write the weights (safetensors, atomically) with the class count and training side as metadata."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"num_classes": str(model.num_classes), "image_size": str(model.image_size)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_digit_classifier(path: str | os.PathLike) -> DigitClassifier:
+    """Load a classifier written by :func:`save_digit_classifier`, in eval mode."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    if "image_size" not in metadata:
+        raise ValueError(f"{path} is not a digit classifier written by save_digit_classifier")
+    model = DigitClassifier(int(metadata["num_classes"]), int(metadata["image_size"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

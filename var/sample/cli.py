@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +55,17 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 
 def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int, device, dtype: str,
-                      progress: bool = True) -> torch.Tensor:
-    """Sample one image per label in batches; batch i uses seed ``seed + i``.  Returns uint8 (N, 3, H, W)."""
+                      progress: bool = True, batch_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """Sample one image per label in batches; batch i (labels[i*batch_size:(i+1)*batch_size]) uses seed
+    ``seed + i``, so any subset of batches (``batch_ids``, default all) reproduces the same images.
+    Returns uint8 (n, 3, H, W) for the chosen batches, in order.
+    """
+    if batch_ids is None:
+        batch_ids = range(math.ceil(len(labels) / batch_size))
     chunks = []
-    starts = range(0, len(labels), batch_size)
-    for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
+    for i in tqdm(batch_ids, desc="sampling", unit="batch", disable=not progress):
         with autocast(device, dtype):
-            out = sampler.sample(labels[start:start + batch_size], seed=seed + i)
+            out = sampler.sample(labels[i * batch_size:(i + 1) * batch_size], seed=seed + i)
         chunks.append(to_uint8(out.images).cpu())
     return torch.cat(chunks)
 

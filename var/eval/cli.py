@@ -1,0 +1,224 @@
+"""``var eval``: FID / IS / KID / precision-recall of a sample set, or of a model's class-balanced samples;
+``var compare``: paired PSNR / SSIM / LPIPS between two same-seed sample sets.
+
+``var eval`` checks the extractor weights and the reference before sampling, samples (sharded over processes
+under ``accelerate launch``), exports the samples in the OpenAI evaluator's npz format, computes the metrics
+and writes a JSON report holding every setting.  ``--sweep cfg=1,1.5,2`` repeats this per value and plots
+each metric against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+
+from var.eval.evaluate import METRICS, Evaluator
+from var.eval.fidelity import INCEPTION
+from var.eval.generate import class_balanced_labels, generate_samples, process_state
+from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
+from var.eval.paired import compare_images
+from var.eval.report import plot_sweep, write_json
+from var.pipeline import load_pair
+from var.sample.cli import add_model_arguments, add_sampling_arguments, settings_from_args
+from var.sample.registry import SAMPLER_NAMES, build_sampler
+
+# settings --sweep can vary: name -> type of one value; the per-scale ones are lists in the parsed args
+SWEEPABLE = {"cfg": float, "top_k": int, "top_p": float, "temperature": float, "sampler": str}
+PER_SCALE_SETTINGS = ("top_k", "top_p", "temperature")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="FID/IS/KID/precision-recall of samples or of a model",
+        description="Evaluate a samples .npz / PNG folder (--samples) or a model's class-balanced samples (--ckpt).",
+    )
+    parser.add_argument("--samples", help="samples .npz (arr_0: uint8 NHWC, optional labels) or a folder of images")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--per-class", type=int, default=50, help="samples per class when sampling a model")
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--ref", help="reference: stats .npz (mu/sigma, OpenAI VIRTUAL_*.npz as is), images .npz, "
+                                     "image folder, or dataset name (digits, digits-test, shapes)")
+    group.add_argument("--ref-resize", type=int, help="centre-crop and resize a reference folder to this side")
+    group.add_argument("--extractor", default=INCEPTION, help="feature extractor (default %(default)s; "
+                                                              "digits-classifier for offline digit metrics)")
+    group.add_argument("--inception-weights", "--extractor-weights", dest="extractor_weights",
+                       help="extractor weights file (default for Inception: the torch hub cache)")
+    group.add_argument("--allow-weights-mismatch", action="store_true",
+                       help="accept Inception weights whose sha256 is not the FID network's (test weights only)")
+    group.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} "
+                                         "(default: all with --ref, else is)")
+    group.add_argument("--no-metrics", action="store_true", help="only sample and export")
+    group.add_argument("--eval-batch-size", type=int, default=100, help="feature extraction batch size")
+    group.add_argument("--no-ref-cache", action="store_true", help="do not read or write cached reference features")
+    group.add_argument("--save-stats", action="store_true", help="also write the samples' mu/sigma (OUT/stats.npz)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="out/eval", help="output folder (report.json, samples.npz, ...)")
+    output.add_argument("--png", action="store_true", help="also export every sample as a PNG (OUT/samples/<label>/)")
+    output.add_argument("--no-npz", action="store_true",
+                        help="do not export the samples as OUT/samples.npz (the OpenAI evaluator's input)")
+    output.add_argument("--sweep", help=f"SETTING=V1,V2,...: evaluate each value and plot the metrics "
+                                        f"(settings: {', '.join(SWEEPABLE)})")
+    output.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+    compare = subparsers.add_parser(
+        "compare", help="paired PSNR/SSIM(/LPIPS) between two same-seed sample sets",
+        description="Image-by-image fidelity of sample set B to sample set A (same classes, same seeds).",
+    )
+    compare.add_argument("a", help="reference samples (.npz or folder)")
+    compare.add_argument("b", help="samples to compare (.npz or folder)")
+    compare.add_argument("--json", help="also write the numbers to this JSON file")
+    compare.add_argument("--no-lpips", action="store_true", help="skip LPIPS even if its weights are present")
+    compare.set_defaults(func=run_compare)
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """'cfg=1,1.5' -> ('cfg', [1.0, 1.5])."""
+    name, _, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if name not in SWEEPABLE or not values.strip():
+        raise ValueError(f"--sweep expects SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}; got {text!r}")
+    convert = SWEEPABLE[name]
+    try:
+        parsed = [convert(value.strip()) for value in values.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep {name}: cannot read {values!r} as {convert.__name__} values") from None
+    if name == "sampler" and (unknown := sorted(set(parsed) - set(SAMPLER_NAMES))):
+        raise ValueError(f"--sweep sampler: unknown sampler(s) {', '.join(unknown)}; choose from {SAMPLER_NAMES}")
+    return name, parsed
+
+
+def with_setting(args: argparse.Namespace, name: str, value) -> argparse.Namespace:
+    varied = copy.copy(args)
+    setattr(varied, name, [value] if name in PER_SCALE_SETTINGS else value)
+    return varied
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__, "numpy": np.__version__}
+
+
+def summary_line(metrics: dict) -> str:
+    parts = []
+    if "fid" in metrics:
+        parts.append(f"FID {metrics['fid']:.4f}")
+    if "is" in metrics:
+        parts.append(f"IS {metrics['is']:.4f} ± {metrics['is_std']:.4f} ({metrics['is_splits']} split(s))")
+    if "kid" in metrics:
+        parts.append(f"KID {metrics['kid']:.5f} ± {metrics['kid_std']:.5f}")
+    if "precision" in metrics:
+        parts.append(f"precision {metrics['precision']:.4f} recall {metrics['recall']:.4f}")
+    if "class_consistency" in metrics:
+        parts.append(f"class-consistency {metrics['class_consistency']:.4f}")
+    return "  ".join(parts)
+
+
+def export_and_evaluate(samples: Samples, evaluator: Evaluator | None, out: Path, args: argparse.Namespace,
+                        report: dict) -> dict:
+    """Write the samples (npz / PNGs), compute the metrics and write OUT/report.json; returns the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    exports = {}
+    if not args.no_npz and not str(report.get("samples", "")).endswith(".npz"):
+        save_npz_samples(out / "samples.npz", samples)
+        exports["npz"] = str(out / "samples.npz")
+    if args.png:
+        save_pngs(out / "samples", samples)
+        exports["png"] = str(out / "samples")
+    metrics = {}
+    if evaluator is not None:
+        metrics = evaluator.evaluate(samples, save_stats_to=str(out / "stats.npz") if args.save_stats else None)
+        report["evaluation"] = evaluator.describe()
+        if args.save_stats:
+            exports["stats"] = str(out / "stats.npz")
+    report.update(num_samples=len(samples.images), image_size=samples.images.shape[-1], metrics=metrics,
+                  exports=exports, versions=versions(), command=sys.argv)
+    write_json(out / "report.json", report)
+    line = summary_line(metrics)
+    print(f"{out}: {len(samples.images)} samples" + (f"  {line}" if line else ""))
+    for note in metrics.get("notes", []):
+        print(f"note: {note}")
+    return metrics
+
+
+def build_evaluator(args: argparse.Namespace, device: torch.device) -> Evaluator | None:
+    if args.no_metrics:
+        return None
+    metrics = args.metrics or (",".join(METRICS) if args.ref else "is")
+    return Evaluator(
+        args.extractor, args.ref, metrics, args.extractor_weights, args.allow_weights_mismatch, device,
+        args.eval_batch_size, args.ref_resize, use_cache=not args.no_ref_cache, progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from_model = bool(args.ckpt or args.vae or args.var)
+    if bool(args.samples) == from_model:
+        raise ValueError("pass either --samples (an npz or image folder) or a model (--ckpt, or --vae and --var)")
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep and args.samples:
+        raise ValueError("--sweep varies sampling settings, so it needs a model (--ckpt), not --samples")
+    state, device = process_state(args.device)
+    with state.main_process_first():  # the main process trains/caches shared judges first
+        evaluator = build_evaluator(args, device)  # weights and reference checked before any sampling
+    out = Path(args.out)
+    if args.samples:
+        if state.is_main_process:
+            export_and_evaluate(load_samples(args.samples), evaluator, out, args, {"samples": args.samples})
+        return
+
+    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    labels = class_balanced_labels(model.num_classes, args.per_class)
+    name, values = sweep if sweep else (None, [None])
+    results = []
+    for value in values:
+        run_args = with_setting(args, name, value) if sweep else args
+        settings = settings_from_args(run_args)
+        sampler = build_sampler(run_args.sampler, model, vqvae, settings)
+        start = time.perf_counter()
+        samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
+                                   state, progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        if not state.is_main_process:
+            continue
+        report = {"sampling": {
+            "model": args.ckpt or {"vae": args.vae, "var": args.var},
+            "sampler": run_args.sampler, **dataclasses.asdict(settings), "seed": run_args.seed,
+            "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
+            "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
+            "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
+            "sampling_s": round(seconds, 3), "samples_per_s": round(len(labels) / max(seconds, 1e-9), 3),
+        }}
+        if sweep:
+            report["sweep"] = {name: value}
+        target = out / f"{name}_{value}" if sweep else out
+        results.append(export_and_evaluate(samples, evaluator, target, run_args, report))
+    if sweep and state.is_main_process:
+        write_json(out / "sweep.json", {"setting": name, "values": values, "metrics": results})
+        plotted = plot_sweep(out / "sweep.png", name, values, results)
+        print(f"wrote {out / 'sweep.json'}" + (f" and {out / 'sweep.png'} ({', '.join(plotted)})" if plotted else ""))
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    a, b = load_samples(args.a), load_samples(args.b)
+    if a.labels is not None and b.labels is not None and not torch.equal(a.labels, b.labels):
+        raise ValueError(f"{args.a} and {args.b} have different labels: compare same-class, same-seed sample sets")
+    results = compare_images(a.images, b.images, with_lpips=not args.no_lpips)
+    line = (f"{results['num_pairs']} pairs ({a.images.shape[-2]}x{a.images.shape[-1]}): "
+            f"PSNR {results['psnr_db']:.3f} dB (min {results['psnr_db_min']:.3f})  "
+            f"SSIM {results['ssim']:.5f} (min {results['ssim_min']:.5f})")
+    if "lpips" in results:
+        line += f"  LPIPS {results['lpips']:.5f}"
+    print(line)
+    for note in results["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        write_json(args.json, {"a": args.a, "b": args.b, **results})

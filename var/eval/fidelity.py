@@ -1,0 +1,214 @@
+"""torch-fidelity, used safely: validated options, an explicit device, checked local weights, strict FP32.
+
+torch-fidelity 0.4.0 ignores unknown keyword arguments, defaults to CUDA, downloads weights on demand (so it
+fails late and offline), and caches features under a key that ignores the weights file (spec_eval.md §1).
+Everything in this package reaches it through the helpers here:
+
+* :func:`fidelity_kwargs` validates every option against ``torch_fidelity.defaults.DEFAULTS`` and always sets
+  ``cuda``, ``verbose=False`` and ``cache=False``;
+* :func:`resolve_weights` finds and hashes an extractor's weights file *before* any work is spent;
+* :class:`FeatureExtractor` builds a registered extractor and runs it over uint8 images with a progress bar,
+  TF32 disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+from tqdm import tqdm
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_SHA256_PREFIX = "6726825d"
+DOWNLOADING_EXTRACTORS = ("vgg16", "clip-", "dinov2-")  # torch-fidelity built-ins that fetch weights when run
+SMALL_HOST_CPUS = 8  # below this, torch-fidelity runs without DataLoader workers and with the low-RAM P/R path
+
+
+def eval_cache_dir() -> Path:
+    """Where evaluation caches reference statistics and trained judges: ``$VAR_CACHE_DIR`` or ``~/.cache/var``."""
+    return Path(os.environ.get("VAR_CACHE_DIR") or Path.home() / ".cache" / "var")
+
+
+def small_host() -> bool:
+    return (os.cpu_count() or 1) < SMALL_HOST_CPUS
+
+
+def fidelity_kwargs(cuda: bool, **options) -> dict:
+    """Options for a torch-fidelity call: unknown names raise (torch-fidelity would silently ignore them).
+
+    ``cuda`` is always explicit (its default is True and there is no ``device`` option); progress output,
+    its feature cache (whose key ignores the weights file) and DataLoader workers on small hosts are off
+    unless asked for.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, DEFAULTS, 1))
+                 else name for name in unknown]
+        raise ValueError(f"unknown torch-fidelity option(s): {', '.join(hints)}")
+    settings = {"cuda": bool(cuda), "verbose": False, "cache": False, "save_cpu_ram": small_host(),
+                "datasets_download": False}
+    settings.update(options)
+    return settings
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """Run convolutions and matmuls in full FP32 (PyTorch enables TF32 for cuDNN convs by default)."""
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
+        knobs = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+                 (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    else:  # torch < 2.9: the legacy flags (mixing both APIs is an error in newer torch)
+        knobs = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in knobs]
+    for owner, name, value in knobs:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name, _), value in zip(knobs, saved, strict=True):
+            setattr(owner, name, value)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExtractorWeights:
+    """The weights file an extractor runs with (None for a weight-free extractor) and its sha256."""
+
+    path: str | None
+    sha256: str | None
+
+
+def default_inception_path() -> Path:
+    """Where torch-fidelity looks for the FID Inception weights: ``$TORCH_HOME/hub/checkpoints/``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def resolve_inception_weights(path: str | os.PathLike | None = None, allow_mismatch: bool = False) -> ExtractorWeights:
+    """Find the FID Inception weights (given path, else the torch hub cache) and check their sha256 prefix.
+
+    Raises FileNotFoundError saying where to put the file when it is absent (torch-fidelity would try to
+    download it, which fails offline), and ValueError when its hash is not the FID network's, unless
+    ``allow_mismatch`` (for test weights), which only warns.
+    """
+    candidate = Path(path) if path is not None else default_inception_path()
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"FID Inception weights not found at {candidate}: download {INCEPTION_URL} and put it at "
+            f"{default_inception_path()} (or pass --inception-weights PATH)"
+        )
+    digest = sha256_of(candidate)
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        message = (f"{candidate} has sha256 {digest[:12]}..., not the FID Inception weights "
+                   f"(sha256 {INCEPTION_SHA256_PREFIX}...); its numbers are not comparable with published FID")
+        if not allow_mismatch:
+            raise ValueError(f"{message}; pass --allow-weights-mismatch to use it anyway (test weights)")
+        warnings.warn(message, stacklevel=2)
+    return ExtractorWeights(str(candidate), digest)
+
+
+# extractor name -> function(path or None) -> ExtractorWeights, for extractors that need a weights file
+WEIGHT_RESOLVERS: dict[str, Callable[[str | None], ExtractorWeights]] = {}
+
+
+def register_extractor(
+    name: str, cls: type, resolve: Callable[[str | None], ExtractorWeights] | None = None
+) -> None:
+    """Register a torch-fidelity feature extractor once per process (registering twice raises in torch-fidelity)."""
+    registered = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if registered is None:
+        register_feature_extractor(name, cls)
+    elif registered is not cls:
+        raise ValueError(f"feature extractor '{name}' is already registered as {registered.__name__}")
+    if resolve is not None:
+        WEIGHT_RESOLVERS[name] = resolve
+
+
+def resolve_weights(name: str, path: str | None = None, allow_mismatch: bool = False) -> ExtractorWeights:
+    """The weights of extractor ``name``, checked before any sampling or extraction is spent."""
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"unknown feature extractor '{name}'; choose one of {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+    if name == INCEPTION:
+        return resolve_inception_weights(path, allow_mismatch)
+    if name in WEIGHT_RESOLVERS:
+        return WEIGHT_RESOLVERS[name](path)
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"weights file {path} for extractor '{name}' not found")
+        return ExtractorWeights(str(path), sha256_of(path))
+    if name.startswith(DOWNLOADING_EXTRACTORS):
+        raise ValueError(f"extractor '{name}' downloads its weights, which fails offline; pass its file with "
+                         "--extractor-weights, or use inception-v3-compat")
+    return ExtractorWeights(None, None)  # a weight-free extractor
+
+
+def check_uint8_images(images: torch.Tensor, what: str = "images") -> None:
+    """torch-fidelity extractors take uint8 (N, 3, H, W) only; fail here with a clear message instead."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{what} must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+
+
+class FeatureExtractor:
+    """A registered torch-fidelity extractor producing ``layers`` on ``device`` from uint8 (N, 3, H, W) images."""
+
+    def __init__(self, name: str, layers: Sequence[str], weights: ExtractorWeights, device: torch.device):
+        self.name = name
+        self.layers = list(dict.fromkeys(layers))  # unique, in order
+        self.weights = weights
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        if cuda and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # torch-fidelity moves the network with .cuda()
+        self.network = create_feature_extractor(
+            name, self.layers, **fidelity_kwargs(cuda, feature_extractor_weights_path=weights.path)
+        )
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @torch.no_grad()
+    def extract(
+        self,
+        images: torch.Tensor | Dataset,
+        batch_size: int = 100,
+        progress: bool = True,
+        desc: str = "features",
+    ) -> dict[str, torch.Tensor]:
+        """Features per layer (N, D), float32 on the CPU, of a uint8 tensor or a Dataset of uint8 (3, H, W)."""
+        if isinstance(images, torch.Tensor):
+            check_uint8_images(images, desc)
+            batches = images.split(batch_size)
+        else:
+            workers = 0 if small_host() else min(4, os.cpu_count() or 1)
+            batches = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=self.cuda)
+        outputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        with strict_fp32(), tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+            for batch in batches:
+                check_uint8_images(batch, desc)
+                features = self.network(batch.to(self.device, non_blocking=True))
+                for layer, value in zip(self.layers, features, strict=True):
+                    outputs[layer].append(value.float().cpu())
+                bar.update(len(batch))
+        if not outputs[self.layers[0]]:
+            raise ValueError(f"no {desc} to extract features from")
+        return {layer: torch.cat(values) for layer, values in outputs.items()}

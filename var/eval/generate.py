@@ -1,0 +1,87 @@
+"""Class-balanced sample sets for evaluation, sharded over processes with accelerate.
+
+The set is fixed by (labels, batch size, seed) alone: global batch b holds labels[b*B : (b+1)*B] and is
+sampled with seed ``seed + b`` (the convention of ``var sample``).  Under ``accelerate launch`` process p
+samples batches p, p+P, p+2P, ...; after each round the round's batches are gathered, which puts them in
+global order, so the result is identical for any number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather
+from tqdm import tqdm
+
+from var.eval.images import Samples
+from var.sample.cli import sample_in_batches
+from var.utils import resolve_device
+
+COLLECTIVE_TIMEOUT_S = 3 * 3600
+
+
+def class_balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """(num_classes * per_class,) labels, class-major: sample i has class i // per_class."""
+    if per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {per_class}")
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def process_state(device: str = "auto") -> tuple[PartialState, torch.device]:
+    """accelerate's process state and this process's device ('cpu' runs the processes over gloo).
+
+    The collective timeout is long because the other processes wait in the next gather while the main
+    process extracts features and writes exports (minutes for 50k samples).
+    """
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    if device == "auto" or state.num_processes > 1:
+        return state, state.device
+    return state, resolve_device(device)
+
+
+@torch.no_grad()
+def generate_samples(
+    sampler,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    dtype: str = "fp32",
+    state: PartialState | None = None,
+    progress: bool = True,
+) -> Samples | None:
+    """Sample one image per label, sharded over processes; the main process gets them all, in order.
+
+    Returns the uint8 samples on the main process and None on the others.
+    """
+    state = state or PartialState()
+    count, processes, rank = len(labels), state.num_processes, state.process_index
+    num_batches = math.ceil(count / batch_size)
+    side = sampler.vqvae.config.image_size
+    images_out, ids_out = [], []
+    bar = tqdm(total=count, desc="sampling", unit="img", disable=not (progress and state.is_main_process))
+    for round_start in range(0, num_batches, processes):
+        batch = round_start + rank
+        images = torch.zeros(batch_size, 3, side, side, dtype=torch.uint8)  # padding where this rank is idle
+        ids = torch.full((batch_size,), -1, dtype=torch.long)
+        if batch < num_batches:
+            sampled = sample_in_batches(sampler, labels, batch_size, seed, device, dtype, False, [batch])
+            images[:len(sampled)] = sampled
+            ids[:len(sampled)] = torch.arange(batch * batch_size, batch * batch_size + len(sampled))
+        images, ids = gather((images.to(state.device), ids.to(state.device)))  # (P * B, ...) in rank order
+        if state.is_main_process:
+            keep = ids >= 0
+            images_out.append(images[keep].cpu())
+            ids_out.append(ids[keep].cpu())
+            bar.update(int(keep.sum()))
+    bar.close()
+    if not state.is_main_process:
+        return None
+    ids = torch.cat(ids_out)
+    if not torch.equal(ids, torch.arange(count)):
+        raise RuntimeError(f"sharded sampling returned {len(ids)} samples out of order or incomplete (of {count})")
+    return Samples(torch.cat(images_out), labels.cpu())

@@ -1,0 +1,203 @@
+"""Reference sets for FID/KID/precision-recall, checked before sampling and cached after their first extraction.
+
+A reference is one of
+
+* a statistics ``.npz`` with ``mu``/``sigma`` (OpenAI's ``VIRTUAL_*.npz`` as is: its ``arr_0`` reference
+  images, when present, give KID and precision/recall);
+* an images ``.npz`` in the samples format (``arr_0`` uint8 NHWC);
+* a folder of real images;
+* an embedded dataset by name (``digits``, ``digits-test``, ``shapes``, ...), rendered at the samples' size.
+
+Features of reference images are cached in :func:`~var.eval.fidelity.eval_cache_dir` under a key made of the
+source's content fingerprint, the extractor name, its weights' sha256, the layer and the image size, so a
+different weights file (say random test weights) can never be served stale statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from var.checkpoints import atomic_write
+from var.data import DigitsDataset, ShapesDataset
+from var.eval.fidelity import FeatureExtractor, eval_cache_dir, sha256_of
+from var.eval.images import ImageFolder, load_npz_samples
+from var.eval.metrics import FeatureStats
+from var.utils import to_uint8
+
+SHAPES_REFERENCE_SIZE = 2000
+DATASETS = {
+    "digits": lambda size: DigitsDataset("train", size),
+    "digits-train": lambda size: DigitsDataset("train", size),
+    "digits-test": lambda size: DigitsDataset("test", size),
+    "digits-all": lambda size: DigitsDataset("all", size),
+    "shapes": lambda size: ShapesDataset(SHAPES_REFERENCE_SIZE, size, seed=1),  # seed 1: not the training draw
+}
+
+
+class Uint8Images(Dataset):
+    """A dataset of (image in [-1, 1], label) seen as uint8 (3, H, W) images, as extractors want them."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image, _ = self.dataset[index]
+        return to_uint8(image.unsqueeze(0).add(1).mul(0.5))[0]
+
+
+@dataclass
+class Reference:
+    """FID statistics of the reference, its FID-layer features when it has images (for KID, P/R), and provenance."""
+
+    stats: FeatureStats
+    features: torch.Tensor | None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReferenceSource:
+    """What ``--ref`` names, validated (exists, right format) without reading any pixels."""
+
+    spec: str
+    kind: str  # "stats" | "images" | "folder" | "dataset"
+    has_images: bool
+
+    @classmethod
+    def parse(cls, spec: str) -> ReferenceSource:
+        path = Path(spec)
+        if spec in DATASETS:
+            return cls(spec, "dataset", True)
+        if path.is_dir():
+            return cls(spec, "folder", True)
+        if path.suffix == ".npz":
+            if not path.is_file():
+                raise FileNotFoundError(f"reference {path} not found")
+            with np.load(path) as data:
+                keys = set(data.files)
+            if {"mu", "sigma"} <= keys:
+                return cls(spec, "stats", "arr_0" in keys)
+            if "arr_0" in keys:
+                return cls(spec, "images", True)
+            raise ValueError(f"reference {path} has neither mu/sigma statistics nor an arr_0 image array")
+        if not path.exists():
+            raise FileNotFoundError(
+                f"reference '{spec}' is not a file, a folder or a dataset name ({', '.join(DATASETS)})"
+            )
+        raise ValueError(f"reference {spec}: expected a .npz (mu/sigma or arr_0), a folder of images or a dataset name")
+
+    def fingerprint(self, image_size: int | None, resize: int | None) -> str:
+        """Identity of the reference pixels: file content hash, folder listing, or dataset name and size."""
+        if self.kind == "dataset":
+            return f"{self.spec}@{image_size}"
+        if self.kind == "folder":
+            listing = hashlib.sha256()
+            for path in ImageFolder(self.spec).paths:
+                stat = path.stat()
+                listing.update(f"{path.relative_to(self.spec)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            return f"folder:{listing.hexdigest()}@{resize}"
+        return f"npz:{sha256_of(self.spec)}"
+
+    def images(self, image_size: int | None, resize: int | None) -> torch.Tensor | Dataset:
+        if self.kind == "dataset":
+            if image_size is None:
+                raise ValueError(f"reference dataset '{self.spec}' needs the samples' image size")
+            return Uint8Images(DATASETS[self.spec](image_size))
+        if self.kind == "folder":
+            return ImageFolder(self.spec, resize)
+        return load_npz_samples(self.spec).images
+
+
+def _read_stats(path: str, extractor: FeatureExtractor) -> FeatureStats:
+    """mu/sigma of a statistics npz; ours also name their extractor and weights, which must match."""
+    with np.load(path) as data:
+        for key, expected in (("extractor", extractor.name), ("weights_sha256", extractor.weights.sha256)):
+            if key in data.files and expected is not None and str(data[key]) != expected:
+                raise ValueError(
+                    f"reference statistics {path} were computed with {key} {str(data[key])[:16]}, not "
+                    f"{expected[:16]}: recompute them with the same feature extractor and weights"
+                )
+        count = int(data["count"]) if "count" in data.files else None
+        return FeatureStats(data["mu"], data["sigma"], count)
+
+
+def save_stats(path: str | os.PathLike, stats: FeatureStats, extractor: FeatureExtractor, layer: str) -> None:
+    """Write mu/sigma (usable as ``--ref``) tagged with the extractor, its weights' sha256, the layer and N."""
+    arrays = dict(mu=stats.mu, sigma=stats.sigma, count=stats.count or 0, extractor=extractor.name,
+                  weights_sha256=extractor.weights.sha256 or "", layer=layer)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def reference_features(
+    source: ReferenceSource,
+    extractor: FeatureExtractor,
+    layer: str,
+    image_size: int | None = None,
+    resize: int | None = None,
+    batch_size: int = 100,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[torch.Tensor, dict]:
+    """FID-layer features of the reference images, extracted once and then read from the cache."""
+    key_fields = {
+        "source": source.fingerprint(image_size, resize),
+        "extractor": extractor.name,
+        "weights_sha256": extractor.weights.sha256,
+        "layer": layer,
+        "image_size": image_size if source.kind == "dataset" else None,
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.spec).stem)[:40]
+    cache_path = eval_cache_dir() / "reference" / f"{slug}-{extractor.name}-{key}.pt"
+    meta = {"cache_key": key_fields, "cache_path": str(cache_path) if use_cache else None}
+    if use_cache and cache_path.is_file():
+        return torch.load(cache_path, weights_only=True), {**meta, "cached": True}
+    features = extractor.extract(
+        source.images(image_size, resize), batch_size, progress, desc="reference features"
+    )[layer]
+    if use_cache:
+        atomic_write(cache_path, lambda tmp: torch.save(features, tmp))
+    return features, {**meta, "cached": False}
+
+
+def load_reference(
+    source: ReferenceSource,
+    extractor: FeatureExtractor,
+    layer: str,
+    need_features: bool,
+    image_size: int | None = None,
+    resize: int | None = None,
+    batch_size: int = 100,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Reference:
+    """Statistics (and, when ``need_features`` and the reference has images, features) of a reference."""
+    meta = {"spec": source.spec, "kind": source.kind}
+    features = None
+    if source.kind != "stats" or (need_features and source.has_images):
+        features, cache_meta = reference_features(
+            source, extractor, layer, image_size, resize, batch_size, use_cache, progress
+        )
+        meta.update(cache_meta, num_images=len(features))
+    if source.kind == "stats":
+        stats = _read_stats(source.spec, extractor)  # FID uses the file's mu/sigma, as the OpenAI evaluator does
+    else:
+        stats = FeatureStats.from_features(features)
+    meta["stats_count"] = stats.count
+    return Reference(stats, features, meta)
