@@ -75,7 +75,7 @@ class RasterAR(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, width))
         nn.init.trunc_normal_(self.pos_embed, std=math.sqrt(1 / width / 3))
         self.register_buffer("positions", torch.arange(cfg.seq_len), persistent=False)
-        drop_paths = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        drop_paths = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([AdaLNBlock(block_cfg, drop_paths[i]) for i in range(cfg.depth)])
         self.head_norm = AdaLNHead(width, cfg.vocab_size, cfg.norm_eps)
         self.head = nn.Linear(width, cfg.vocab_size)

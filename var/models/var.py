@@ -241,7 +241,7 @@ class VAR(nn.Module):
         self.register_buffer("scale_of_token", scale_of_token, persistent=False)  # (L,)
 
         self.shared_modulation = nn.Linear(width, 6 * width) if cfg.shared_aln else None
-        drop_paths = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        drop_paths = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([AdaLNBlock(cfg, drop_paths[i]) for i in range(cfg.depth)])
         self.head_norm = AdaLNHead(width, cfg.vocab_size, cfg.norm_eps)
         self.head = nn.Linear(width, cfg.vocab_size)
