@@ -37,6 +37,18 @@ def test_official_format_round_trip_through_safetensors(tmp_path):
     assert all(torch.equal(again[k], official_var[k]) for k in official_var)
 
 
+def test_official_import_infers_mlp_ratio_and_takes_head_count_without_l2_norm():
+    # mlp_ratio is in the fc1 shape; without per-head temperatures the head count must be passed
+    _, model = make_tiny_pair(mlp_ratio=2.5, attn_l2_norm=False, num_heads=4)
+    state = var_to_official(model)
+    with pytest.raises(ValueError, match="pass num_heads"):
+        load_official_var(state)
+    loaded = load_official_var(state, num_heads=4)
+    assert loaded.config == model.config
+    labels, teacher = torch.tensor([0, 3]), torch.randn(2, model.config.seq_len - 1, model.config.z_channels)
+    assert torch.equal(loaded(labels, teacher), model(labels, teacher))
+
+
 def test_wrong_shape_and_missing_keys_name_every_offender():
     _, model = make_tiny_pair()
     state = var_to_official(model)

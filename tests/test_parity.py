@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from var.checkpoints import load_official_var, load_official_vqvae
+from var.checkpoints import load_official_var, load_official_vqvae, var_config_from_official, vqvae_config_from_official
 from var.sample.base import VARSampler
 from var.sample.logits import SamplingSettings
 from var.tokenizers.quantizer import phi_index_per_scale
@@ -51,17 +51,25 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def _state_dict(name: str) -> dict[str, torch.Tensor]:
+    return torch.load(FIXTURES / name, weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def fixture():
     config = json.loads((FIXTURES / "config.json").read_text())
     cases = torch.load(FIXTURES / "cases.pth", weights_only=True)
-    # what the weights cannot tell (selection rule, phi ratio, eps, norm groups) comes from config.json
+    # what the weights cannot tell (selection rule, phi ratio, eps, norm groups, and the head count when
+    # attention has no per-head temperature) comes from config.json
     var_kwargs, vae_kwargs = config["var_kwargs"], config["vqvae_kwargs"]
     var = load_official_var(
-        FIXTURES / "var_state_dict.pth", patch_nums=var_kwargs["patch_nums"], norm_eps=var_kwargs["norm_eps"]
+        _state_dict("var_state_dict.pth"),
+        patch_nums=var_kwargs["patch_nums"],
+        norm_eps=var_kwargs["norm_eps"],
+        num_heads=var_kwargs["num_heads"],
     )
     vae = load_official_vqvae(
-        FIXTURES / "vae_state_dict.pth",
+        _state_dict("vae_state_dict.pth"),
         patch_nums=vae_kwargs["v_patch_nums"],
         using_znorm=vae_kwargs["using_znorm"],
         quant_resi=vae_kwargs["quant_resi"],
@@ -73,21 +81,34 @@ def fixture():
     torch.set_grad_enabled(True)
 
 
-def test_parity_config_inferred_from_state_dicts(fixture):
-    config, _, vae, var = fixture
+def test_parity_config_inferred_from_state_dicts():
+    # the weights alone must give every size they determine; the head count is in them only with l2-norm attention
+    config = json.loads((FIXTURES / "config.json").read_text())
     var_kwargs, vae_kwargs = config["var_kwargs"], config["vqvae_kwargs"]
-    assert var.config.depth == var_kwargs["depth"]
-    assert var.config.width == var_kwargs["embed_dim"]
-    assert var.config.num_heads == var_kwargs["num_heads"]
-    assert var.config.num_classes == var_kwargs["num_classes"]
-    assert var.config.shared_aln == var_kwargs["shared_aln"]
-    assert var.config.attn_l2_norm == var_kwargs["attn_l2_norm"]
-    assert list(var.config.patch_nums) == list(var_kwargs["patch_nums"])
-    assert var.config.seq_len == config["derived"]["L"]
-    assert vae.config.vocab_size == vae_kwargs["vocab_size"]
-    assert vae.config.z_channels == vae_kwargs["z_channels"]
-    assert vae.config.ch == vae_kwargs["ch"]
-    assert list(vae.config.ch_mult) == list(config["vqvae_fixed_architecture"]["ch_mult"])
+    heads = {} if var_kwargs["attn_l2_norm"] else {"num_heads": var_kwargs["num_heads"]}
+    var_config = var_config_from_official(_state_dict("var_state_dict.pth"), **heads)
+    assert var_config.depth == var_kwargs["depth"]
+    assert var_config.width == var_kwargs["embed_dim"]
+    assert var_config.num_heads == var_kwargs["num_heads"]
+    assert var_config.mlp_ratio == var_kwargs["mlp_ratio"]
+    assert var_config.num_classes == var_kwargs["num_classes"]
+    assert var_config.vocab_size == vae_kwargs["vocab_size"]
+    assert var_config.z_channels == vae_kwargs["z_channels"]
+    assert var_config.shared_aln == var_kwargs["shared_aln"]
+    assert var_config.attn_l2_norm == var_kwargs["attn_l2_norm"]
+    assert list(var_config.patch_nums) == list(var_kwargs["patch_nums"])  # from the lvl_1L buffer
+    assert var_config.seq_len == config["derived"]["L"]
+    vae_config = vqvae_config_from_official(_state_dict("vae_state_dict.pth"))
+    architecture = config["vqvae_fixed_architecture"]
+    assert vae_config.vocab_size == vae_kwargs["vocab_size"]
+    assert vae_config.z_channels == vae_kwargs["z_channels"]
+    assert vae_config.ch == vae_kwargs["ch"]
+    assert list(vae_config.ch_mult) == list(architecture["ch_mult"])
+    assert vae_config.num_res_blocks == architecture["num_res_blocks"]
+    assert vae_config.in_channels == architecture["in_channels"]
+    assert (vae_config.use_attn, vae_config.use_mid_attn) == (architecture["using_sa"], architecture["using_mid_sa"])
+    assert vae_config.quant_conv_ks == vae_kwargs["quant_conv_ks"]
+    assert vae_config.share_quant_resi == vae_kwargs["share_quant_resi"]
 
 
 def test_parity_phi_index_per_scale(fixture):

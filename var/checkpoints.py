@@ -138,7 +138,12 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
 # --------------------------------------------------------------------------------------------------
 # official VAR
 def var_config_from_official(state_dict: Mapping[str, torch.Tensor], **overrides) -> VARConfig:
-    """Infer the :class:`VARConfig` of an official VAR state dict (depth, width, heads, vocab, classes, ...)."""
+    """Infer the :class:`VARConfig` of an official VAR state dict (depth, width, heads, vocab, classes, ...).
+
+    The MLP ratio comes from the ``fc1`` shape.  Without l2-normalised attention the weights carry no per-head
+    tensor: ``num_heads`` then follows the official rule (64-dim heads) unless passed as ``num_heads=``, and a
+    width that is not a multiple of 64 must pass it.
+    """
     try:
         width = state_dict["pos_start"].shape[-1]
         depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k)))
@@ -147,10 +152,19 @@ def var_config_from_official(state_dict: Mapping[str, torch.Tensor], **overrides
         num_classes = state_dict["class_emb.weight"].shape[0] - 1
         num_scales = state_dict["lvl_embed.weight"].shape[0]
         seq_len = state_dict["pos_1LC"].shape[1]
+        mlp_hidden = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
     except (KeyError, ValueError) as error:
         raise ValueError(f"not an official VAR state dict (missing {error}); is this a VQ-VAE file?") from None
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
-    num_heads = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else width // 64
+    if attn_l2_norm:
+        num_heads = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1]
+    elif "num_heads" in overrides or width % 64 == 0:
+        num_heads = overrides.get("num_heads", width // 64)  # the official rule: 64-dim heads
+    else:
+        raise ValueError(
+            f"cannot infer num_heads of this width-{width} VAR (no l2-normalised attention, so no per-head "
+            "tensor): pass num_heads=..."
+        )
     if "patch_nums" in overrides:
         patch_nums = tuple(overrides.pop("patch_nums"))
     elif "lvl_1L" in state_dict:
@@ -160,8 +174,8 @@ def var_config_from_official(state_dict: Mapping[str, torch.Tensor], **overrides
         patch_nums = _known_schedule(num_scales, seq_len)
     cfg = dict(
         depth=depth, width=width, num_heads=num_heads, vocab_size=vocab_size, z_channels=z_channels,
-        num_classes=num_classes, patch_nums=patch_nums, shared_aln="shared_ada_lin.1.weight" in state_dict,
-        attn_l2_norm=attn_l2_norm,
+        num_classes=num_classes, patch_nums=patch_nums, mlp_ratio=mlp_hidden / width,
+        shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=attn_l2_norm,
     )
     cfg.update(overrides)
     config = VARConfig(**cfg)
