@@ -9,6 +9,7 @@ import sys
 # subcommand modules, each with add_parser(subparsers) that sets ``func``
 COMMAND_MODULES = [
     "var.sample.cli",
+    "var.sample.calibrate_cli",
 ]
 
 

@@ -11,9 +11,11 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from var.pipeline import load_pair
+from var.pipeline import load_pair, load_var
+from var.sample.kv_budget import KVBudget
 from var.sample.logits import SamplingSettings
-from var.sample.registry import SAMPLER_NAMES, build_sampler
+from var.sample.registry import SAMPLER_NAMES, build_sampler, sampler_options
+from var.sample.scalekv import SCORINGS
 from var.utils import autocast, resolve_device, to_uint8
 
 
@@ -26,9 +28,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, sampler_choice: bool = True) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--sampler", default="var", choices=SAMPLER_NAMES)
+    if sampler_choice:
+        group.add_argument("--sampler", default="var", choices=SAMPLER_NAMES)
+        add_sampler_option_arguments(parser)
     group.add_argument("--cfg", type=float, default=1.5, help="guidance weight at the last scale")
     group.add_argument("--top-k", type=int, nargs="+", default=[900], help="one value or one per scale")
     group.add_argument("--top-p", type=float, nargs="+", default=[0.96], help="one value or one per scale")
@@ -36,6 +40,57 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (nicer, not for FID)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch-size", type=int, default=64)
+
+
+def add_sampler_option_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("add-on samplers (code, scalekv, code+scalekv)")
+    group.add_argument("--refiner", help="CoDe refiner: bundle/run directory or official-format .pth")
+    group.add_argument("--draft-steps", type=int, help="CoDe: scales the drafter decodes (default: all but 2)")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--kv-budget", type=float, help="ScaleKV: uniform budget, fraction of the cache (0.1)")
+    budget.add_argument("--kv-budget-file", help="ScaleKV: budget JSON written by 'var calibrate-kv'")
+    group.add_argument("--refiner-kv-budget-file", help="code+scalekv: the refiner's budget JSON")
+    group.add_argument("--kv-scoring", choices=SCORINGS, help="ScaleKV token scoring (default softmax)")
+    group.add_argument("--kv-share-cfg", action="store_true",
+                       help="ScaleKV: the unconditional half keeps the tokens the conditional half chose")
+
+
+# sampler option -> the flag that sets it
+_OPTION_FLAGS = {
+    "refiner": "--refiner",
+    "draft_steps": "--draft-steps",
+    "kv_budget": "--kv-budget/--kv-budget-file",
+    "refiner_kv_budget": "--refiner-kv-budget-file",
+    "kv_scoring": "--kv-scoring",
+    "kv_share_cfg": "--kv-share-cfg",
+}
+
+
+def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> dict:
+    """The options of ``args.sampler`` set on the command line, loaded (refiner model, budget files).
+
+    Raises a ValueError naming any flag that the chosen sampler does not use.
+    """
+    given = {
+        "refiner": args.refiner,
+        "draft_steps": args.draft_steps,
+        "kv_budget": args.kv_budget if args.kv_budget_file is None else args.kv_budget_file,
+        "refiner_kv_budget": args.refiner_kv_budget_file,
+        "kv_scoring": args.kv_scoring,
+        "kv_share_cfg": args.kv_share_cfg or None,
+    }
+    given = {option: value for option, value in given.items() if value is not None}
+    accepted = sampler_options(args.sampler)
+    stray = [_OPTION_FLAGS[option] for option in given if option not in accepted]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} do(es) not apply to --sampler {args.sampler}")
+    if "refiner" in given:
+        given["refiner"] = load_var(given["refiner"], device)
+    if args.kv_budget_file is not None:
+        given["kv_budget"] = KVBudget.load(args.kv_budget_file)
+    if "refiner_kv_budget" in given:
+        given["refiner_kv_budget"] = KVBudget.load(given["refiner_kv_budget"])
+    return given
 
 
 def _one_or_list(values: list):
@@ -80,7 +135,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
-    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args))
+    options = sampler_options_from_args(args, device)
+    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **options)
     if args.labels is not None:
         labels = torch.tensor(args.labels)
         nrow = args.nrow or min(8, len(labels))
