@@ -105,6 +105,6 @@ def test_code_from_the_command_line_with_bundle_and_official_refiners(tmp_path, 
               "--draft-steps", "3", "--labels", "0", "1", "--out", str(out), "--seed", "1"])
         grids.append(out.read_bytes())
     assert grids[0] == grids[1]  # both formats load the same refiner
-    with pytest.raises(SystemExit, match="--refiner do.es. not apply to --sampler var"):
+    with pytest.raises(SystemExit, match="--refiner does not apply to --sampler var"):
         main(["sample", "--ckpt", str(tmp_path / "drafter"), "--refiner", str(tmp_path / "refiner"),
               "--labels", "0", "--out", str(tmp_path / "x.png")])

@@ -83,7 +83,8 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
     accepted = sampler_options(args.sampler)
     stray = [_OPTION_FLAGS[option] for option in given if option not in accepted]
     if stray:
-        raise ValueError(f"{', '.join(stray)} do(es) not apply to --sampler {args.sampler}")
+        verb = "does" if len(stray) == 1 else "do"
+        raise ValueError(f"{', '.join(stray)} {verb} not apply to --sampler {args.sampler}")
     if "refiner" in given:
         given["refiner"] = load_var(given["refiner"], device)
     if args.kv_budget_file is not None:
@@ -108,15 +109,29 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 
 def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int, device, dtype: str,
-                      progress: bool = True) -> torch.Tensor:
-    """Sample one image per label in batches; batch i uses seed ``seed + i``.  Returns uint8 (N, 3, H, W)."""
+                      progress: bool = True, stats: list | None = None) -> torch.Tensor:
+    """Sample one image per label in batches; batch i uses seed ``seed + i``.  Returns uint8 (N, 3, H, W).
+
+    Each batch's ``SampleOutput.stats`` is appended to ``stats`` when given.
+    """
     chunks = []
     starts = range(0, len(labels), batch_size)
     for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
         with autocast(device, dtype):
             out = sampler.sample(labels[start:start + batch_size], seed=seed + i)
         chunks.append(to_uint8(out.images).cpu())
+        if stats is not None:
+            stats.append(out.stats)
     return torch.cat(chunks)
+
+
+def memory_summary(stats: dict) -> str:
+    """One line on the KV cache (and CUDA peak) of a batch, from its sampler stats."""
+    mib = 2**20
+    line = f"KV cache {stats['kv_bytes'] / mib:.2f} MiB allocated, {stats['kv_bytes_held'] / mib:.2f} MiB held"
+    if "peak_cuda_bytes" in stats:
+        line += f"; peak CUDA memory {stats['peak_cuda_bytes'] / mib:.0f} MiB"
+    return line
 
 
 def add_parser(subparsers) -> None:
@@ -144,11 +159,12 @@ def run(args: argparse.Namespace) -> None:
         per_class = args.per_class or 1
         labels = torch.arange(model.num_classes).repeat_interleave(per_class)
         nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(labels))))
-    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype)
+    stats = []
+    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), out)
-    print(f"wrote {len(images)} samples to {out}")
+    print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
         np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         print(f"wrote {args.npz}")
