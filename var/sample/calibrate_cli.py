@@ -13,7 +13,7 @@ import torch
 
 from var.pipeline import load_pair
 from var.sample.cli import add_model_arguments, add_sampling_arguments, settings_from_args
-from var.sample.kv_budget import KVBudget, measure_selectivity
+from var.sample.kv_budget import WINDOW_SIDE, KVBudget, measure_selectivity
 from var.utils import autocast, resolve_device
 
 
@@ -30,6 +30,8 @@ def add_parser(subparsers) -> None:
     group.add_argument("--kv-budget", type=float, default=0.1, help="fraction of the cache kept (default 0.1)")
     group.add_argument("--drafter-fraction", type=float, default=0.1,
                        help="share of the compressed (layer, scale) pairs classified as drafters (default 0.1)")
+    group.add_argument("--kv-window", type=int, default=WINDOW_SIDE,
+                       help="observation window grid side (default 4: 16 tokens)")
     group.add_argument("--history-top-k", type=int,
                        help="K' of the selectivity index (default: the tokens per layer of the budget)")
     group.add_argument("--out", required=True, help="budget JSON to write")
@@ -45,12 +47,12 @@ def run(args: argparse.Namespace) -> None:
     else:
         generator = torch.Generator().manual_seed(args.seed)
         labels = torch.randperm(cfg.num_classes, generator=generator)[: args.num_labels]
-    per_layer = KVBudget.uniform(cfg, args.kv_budget).tokens_per_layer
+    per_layer = KVBudget.uniform(cfg, args.kv_budget, args.kv_window).tokens_per_layer
     history_top_k = args.history_top_k or per_layer
     with autocast(device, args.dtype):
         selectivity = measure_selectivity(model, vqvae, labels, history_top_k, settings_from_args(args),
                                           args.batch_size, args.seed)
-    budget = KVBudget.from_selectivity(cfg, selectivity, args.kv_budget, args.drafter_fraction)
+    budget = KVBudget.from_selectivity(cfg, selectivity, args.kv_budget, args.drafter_fraction, args.kv_window)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget.save(out)

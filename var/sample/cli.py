@@ -51,6 +51,8 @@ def add_sampler_option_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--kv-budget-file", help="ScaleKV: budget JSON written by 'var calibrate-kv'")
     group.add_argument("--refiner-kv-budget-file", help="code+scalekv: the refiner's budget JSON")
     group.add_argument("--kv-scoring", choices=SCORINGS, help="ScaleKV token scoring (default softmax)")
+    group.add_argument("--kv-window", type=int,
+                       help="ScaleKV with --kv-budget: observation window grid side (default 4: 16 tokens)")
     group.add_argument("--kv-share-cfg", action="store_true",
                        help="ScaleKV: the unconditional half keeps the tokens the conditional half chose")
 
@@ -63,6 +65,7 @@ _OPTION_FLAGS = {
     "refiner_kv_budget": "--refiner-kv-budget-file",
     "kv_scoring": "--kv-scoring",
     "kv_share_cfg": "--kv-share-cfg",
+    "kv_window": "--kv-window",
 }
 
 
@@ -78,6 +81,7 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
         "refiner_kv_budget": args.refiner_kv_budget_file,
         "kv_scoring": args.kv_scoring,
         "kv_share_cfg": args.kv_share_cfg or None,
+        "kv_window": args.kv_window,
     }
     given = {option: value for option, value in given.items() if value is not None}
     accepted = sampler_options(args.sampler)

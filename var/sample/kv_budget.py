@@ -80,6 +80,8 @@ class KVBudget:
         """Allocate tokens per layer and scale given which layers are drafters at each scale."""
         if not 0 < fraction <= 1:
             raise ValueError(f"the KV budget is a fraction of the cache in (0, 1], got {fraction}")
+        if window_side < 1:
+            raise ValueError(f"the observation window side must be at least 1, got {window_side}")
         tokens = config.tokens_per_scale
         prefix = config.seq_len - tokens[-1]
         per_layer = max(round(fraction * prefix), 1)

@@ -26,7 +26,7 @@ from var.models.kv_cache import KVCache
 from var.models.var import VAR
 from var.sample.base import KVPolicy, VARSampler
 from var.sample.code import CoDeSampler
-from var.sample.kv_budget import KVBudget, window_offsets
+from var.sample.kv_budget import WINDOW_SIDE, KVBudget, window_offsets
 from var.sample.logits import SamplingSettings
 from var.tokenizers.vqvae import VQVAE
 
@@ -118,6 +118,8 @@ class ScaleKVPolicy(KVPolicy):
         scoring: "softmax" (the paper) or "max-pool" (the released code).
         share_cfg_choice: the unconditional half keeps the tokens the conditional half chose.
         pool_kernel: width of the 1-D pooling over key positions (1: none).
+        window_side: observation window of a uniform budget, window_side^2 grid centres (a calibrated
+            budget carries its own).
     """
 
     name = "scalekv"
@@ -128,6 +130,7 @@ class ScaleKVPolicy(KVPolicy):
         scoring: str = "softmax",
         share_cfg_choice: bool = False,
         pool_kernel: int = 5,
+        window_side: int = WINDOW_SIDE,
     ):
         if scoring not in SCORINGS:
             raise ValueError(f"unknown KV scoring '{scoring}'; choose one of {', '.join(SCORINGS)}")
@@ -139,12 +142,13 @@ class ScaleKVPolicy(KVPolicy):
         self.scoring = scoring
         self.share_cfg_choice = share_cfg_choice
         self.pool_kernel = pool_kernel
+        self.window_side = window_side
 
     def budget_for(self, model: VAR) -> KVBudget:
         if isinstance(self.budget, KVBudget):
             self.budget.check(model.config)
             return self.budget
-        return KVBudget.uniform(model.config, float(self.budget))
+        return KVBudget.uniform(model.config, float(self.budget), self.window_side)
 
     def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
         budget = self.budget_for(model)
@@ -166,8 +170,10 @@ class ScaleKVSampler(VARSampler):
         kv_budget: float | KVBudget = 0.1,
         kv_scoring: str = "softmax",
         kv_share_cfg: bool = False,
+        kv_window: int = WINDOW_SIDE,
     ):
-        super().__init__(model, vqvae, settings, ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg))
+        policy = ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window)
+        super().__init__(model, vqvae, settings, policy)
         self.kv_policy.budget_for(model)  # a budget of the wrong shape fails here, not mid-sampling
 
 
@@ -191,12 +197,13 @@ class CoDeScaleKVSampler(CoDeSampler):
         refiner_kv_budget: float | KVBudget | None = None,
         kv_scoring: str = "softmax",
         kv_share_cfg: bool = False,
+        kv_window: int = WINDOW_SIDE,
     ):
         refiner_kv_budget = kv_budget if refiner_kv_budget is None else refiner_kv_budget
         super().__init__(
             model, vqvae, settings, refiner, draft_steps,
-            kv_policy=ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg),
-            refiner_kv_policy=ScaleKVPolicy(refiner_kv_budget, kv_scoring, kv_share_cfg),
+            kv_policy=ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window),
+            refiner_kv_policy=ScaleKVPolicy(refiner_kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window),
         )
         self.kv_policy.budget_for(model)
         self.refiner_kv_policy.budget_for(self.refiner)
