@@ -197,3 +197,13 @@ def test_calibrate_kv_command_end_to_end(pair, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not found; write one with 'var calibrate-kv'"):
         main(["sample", "--ckpt", str(tmp_path), "--sampler", "scalekv", "--kv-budget-file",
               str(tmp_path / "missing.json"), "--labels", "0", "--out", str(out)])
+
+
+def test_smaller_window_lets_small_models_keep_fewer_tokens(pair):
+    vqvae, model = pair
+    wide = build_sampler("scalekv", model, vqvae, SETTINGS, kv_budget=0.1).sample(LABELS, seed=0)
+    narrow = build_sampler("scalekv", model, vqvae, SETTINGS, kv_budget=0.1, kv_window=2).sample(LABELS, seed=0)
+    budget = KVBudget.uniform(model.config, 0.1, window_side=2)
+    assert budget.history[-1] == [6] * model.config.depth  # 10% of the 55-token prefix, above SOS + 2x2 window
+    assert KVBudget.uniform(model.config, 0.1).history[-1] == [17] * model.config.depth  # SOS + 4x4 window
+    assert narrow.stats["kv_bytes_held"] < wide.stats["kv_bytes_held"]

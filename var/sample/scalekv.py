@@ -53,13 +53,21 @@ class ScaleKVCache(KVCache):
         self.share_cfg_choice = share_cfg_choice
         self.pool_kernel = pool_kernel
         self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # this layer's pass, not yet stored
+        self.lengths_at_pass_start = list(self.lengths)
+
+    def begin_pass(self, scale_index: int, persist: bool = True) -> None:
+        super().begin_pass(scale_index, persist)
+        self.lengths_at_pass_start = list(self.lengths)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the held history plus this pass's k, v without storing them (after_attention does)."""
+        held = self.lengths[layer]
+        if held != self.lengths_at_pass_start[0] and k.shape[2] != self.budget.patch_nums[self.scale_index] ** 2:
+            # the pass's block-causal mask assumes every layer holds as many tokens as the first
+            raise RuntimeError("a pass over several scales cannot run on layers compressed to different lengths")
         if not self.persist:
             return super().update(layer, k, v)
         k = k.to(v.dtype)
-        held = self.lengths[layer]
         if held:
             k = torch.cat((self.keys[layer][:, :, :held], k), dim=2)
             v = torch.cat((self.values[layer][:, :, :held], v), dim=2)
