@@ -12,7 +12,6 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from var.pipeline import load_pair, load_var
-from var.sample.kv_budget import KVBudget
 from var.sample.logits import SamplingSettings
 from var.sample.registry import SAMPLER_NAMES, build_sampler, sampler_options
 from var.sample.scalekv import SCORINGS
@@ -70,7 +69,7 @@ _OPTION_FLAGS = {
 
 
 def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> dict:
-    """The options of ``args.sampler`` set on the command line, loaded (refiner model, budget files).
+    """The options of ``args.sampler`` set on the command line (the refiner loaded; budget files are paths).
 
     Raises a ValueError naming any flag that the chosen sampler does not use.
     """
@@ -91,10 +90,6 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
         raise ValueError(f"{', '.join(stray)} {verb} not apply to --sampler {args.sampler}")
     if "refiner" in given:
         given["refiner"] = load_var(given["refiner"], device)
-    if args.kv_budget_file is not None:
-        given["kv_budget"] = KVBudget.load(args.kv_budget_file)
-    if "refiner_kv_budget" in given:
-        given["refiner_kv_budget"] = KVBudget.load(given["refiner_kv_budget"])
     return given
 
 

@@ -19,6 +19,8 @@ VAR has absolute position embeddings added at the input, so kept keys need no po
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -122,7 +124,8 @@ class ScaleKVPolicy(KVPolicy):
     """Builds :class:`ScaleKVCache` s from a calibrated :class:`KVBudget` or a uniform fraction.
 
     Args:
-        budget: a KVBudget for the model's shape, or a fraction in (0, 1] for a uniform budget.
+        budget: a KVBudget for the model's shape (or the path of its JSON), or a fraction in (0, 1] for a
+            uniform budget.
         scoring: "softmax" (the paper) or "max-pool" (the released code).
         share_cfg_choice: the unconditional half keeps the tokens the conditional half chose.
         pool_kernel: width of the 1-D pooling over key positions (1: none).
@@ -134,7 +137,7 @@ class ScaleKVPolicy(KVPolicy):
 
     def __init__(
         self,
-        budget: float | KVBudget = 0.1,
+        budget: float | KVBudget | str | os.PathLike = 0.1,
         scoring: str = "softmax",
         share_cfg_choice: bool = False,
         pool_kernel: int = 5,
@@ -144,6 +147,8 @@ class ScaleKVPolicy(KVPolicy):
             raise ValueError(f"unknown KV scoring '{scoring}'; choose one of {', '.join(SCORINGS)}")
         if pool_kernel < 1 or pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be an odd positive number, got {pool_kernel}")
+        if isinstance(budget, (str, os.PathLike)):
+            budget = KVBudget.load(budget)
         if not isinstance(budget, KVBudget) and not 0 < float(budget) <= 1:
             raise ValueError(f"the KV budget is a fraction of the cache in (0, 1], got {budget}")
         self.budget = budget
@@ -175,7 +180,7 @@ class ScaleKVSampler(VARSampler):
         model: VAR,
         vqvae: VQVAE,
         settings: SamplingSettings | None = None,
-        kv_budget: float | KVBudget = 0.1,
+        kv_budget: float | KVBudget | str | os.PathLike = 0.1,
         kv_scoring: str = "softmax",
         kv_share_cfg: bool = False,
         kv_window: int = WINDOW_SIDE,
@@ -201,8 +206,8 @@ class CoDeScaleKVSampler(CoDeSampler):
         settings: SamplingSettings | None = None,
         refiner: VAR | None = None,
         draft_steps: int | None = None,
-        kv_budget: float | KVBudget = 0.1,
-        refiner_kv_budget: float | KVBudget | None = None,
+        kv_budget: float | KVBudget | str | os.PathLike = 0.1,
+        refiner_kv_budget: float | KVBudget | str | os.PathLike | None = None,
         kv_scoring: str = "softmax",
         kv_share_cfg: bool = False,
         kv_window: int = WINDOW_SIDE,
