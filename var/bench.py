@@ -103,10 +103,12 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
 
 def sampler_options(name: str, args: argparse.Namespace, depth: int, device: torch.device) -> dict:
     """Extra constructor arguments of the add-on samplers for a benchmark run."""
+    options = {}
     if name.startswith("code"):
-        refiner, _ = build_models(args.refiner_depth, args.tiny, device)
-        return {"refiner": refiner, "draft_steps": args.draft_steps}
-    return {}
+        options.update(refiner=build_models(args.refiner_depth, args.tiny, device)[0], draft_steps=args.draft_steps)
+    if name.endswith("scalekv"):
+        options["kv_budget"] = args.kv_budget
+    return options
 
 
 def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
@@ -206,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run)")
     parser.add_argument("--depths", type=int, nargs="+", help="default: 16 20 24 30 (tiny: 2)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 16 64 256 (tiny: 1 4)")
-    parser.add_argument("--samplers", nargs="+", default=["var"], choices=SAMPLER_NAMES)
+    parser.add_argument("--samplers", nargs="+", default=["var"], choices=SAMPLER_NAMES,
+                        help="add-on samplers use random-weight drafter/refiner models of the sizes below")
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
@@ -216,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="default", help="torch.compile mode (e.g. reduce-overhead)")
     parser.add_argument("--draft-steps", type=int, default=8, help="CoDe: scales run by the drafter")
     parser.add_argument("--refiner-depth", type=int, default=16, help="CoDe: depth of the refiner (tiny: 1)")
+    parser.add_argument("--kv-budget", type=float, default=0.1, help="ScaleKV: fraction of the prefix kept")
     parser.add_argument("--out", default="out/bench")
 
 

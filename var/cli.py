@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "var.sample.cli",
     "var.eval.cli",
+    "var.sample.calibrate_cli",
     "var.bench",
 ]
 

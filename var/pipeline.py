@@ -6,6 +6,8 @@ Accepted sources:
   (what training writes into every checkpoint directory);
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
 * the official ``.pth`` files, given as ``vae=`` and ``var=``.
+
+A transformer alone (CoDe's refiner) comes from :func:`load_var`, from either kind of source.
 """
 
 from __future__ import annotations
@@ -60,3 +62,10 @@ def load_pair(
         raise ValueError("pass a checkpoint directory (--ckpt) or both official files (--vae and --var)")
     check_pair(vqvae, model)
     return vqvae.to(device).eval(), model.to(device).eval()
+
+
+def load_var(path: str | os.PathLike, device: str | torch.device = "cpu") -> VAR:
+    """One VAR transformer from a bundle/run directory or an official-format ``.pth`` state dict."""
+    path = Path(path)
+    model = load_official_var(path) if path.is_file() else load_model(resolve_bundle(path), "var")
+    return model.to(device).eval()

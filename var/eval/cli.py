@@ -27,7 +27,7 @@ from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
 from var.pipeline import load_pair
-from var.sample.cli import add_model_arguments, add_sampling_arguments, settings_from_args
+from var.sample.cli import add_model_arguments, add_sampling_arguments, sampler_options_from_args, settings_from_args
 from var.sample.registry import SAMPLER_NAMES, build_sampler
 
 # settings --sweep can vary: name -> type of one value; the per-scale ones are lists in the parsed args
@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> None:
     for value in values:
         run_args = with_setting(args, name, value) if sweep else args
         settings = settings_from_args(run_args)
-        sampler = build_sampler(run_args.sampler, model, vqvae, settings)
+        options = sampler_options_from_args(run_args, device)
+        sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
         start = time.perf_counter()
         samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
                                    state, progress=not args.no_progress)

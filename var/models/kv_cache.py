@@ -7,7 +7,8 @@ its attention in :meth:`after_attention`; speculative decoding rolls back with :
 
 Keys are stored in the dtype of the values (the compute dtype): under autocast the l2-normalised keys come
 out in float32, and caching them in fp16/bf16 gives bit-identical attention (the attention kernel casts
-them anyway) at half the memory.
+them anyway) at half the memory.  :class:`OfficialLayoutKVCache` keeps the official layout (float32 keys,
+last scale cached) only to measure what these exact savings are worth.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class KVCache:
         num_layers: number of attention layers.
         capacity: tokens each layer can hold (one int for all layers, or one per layer).
     """
+
+    keys_in_value_dtype = True
 
     def __init__(self, num_layers: int, capacity: int | Sequence[int]):
         if isinstance(capacity, int):
@@ -57,7 +60,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add this pass's k, v (rows, heads, n, head_dim); return every key/value the queries attend to."""
-        k = k.to(v.dtype)
+        if self.keys_in_value_dtype:
+            k = k.to(v.dtype)
         start = self.lengths[layer]
         if not self.persist:
             if start == 0:
@@ -98,3 +102,14 @@ class KVCache:
                 rows, heads, _, head_dim = keys.shape
                 total += rows * heads * head_dim * length * (keys.element_size() + values.element_size())
         return total
+
+
+class OfficialLayoutKVCache(KVCache):
+    """The official VAR cache layout: keys kept in the dtype they come out in (float32 under autocast) and
+    every pass cached, the last scale included.  Attention is bit-identical to :class:`KVCache`; only the
+    memory differs, which is what this class exists to measure."""
+
+    keys_in_value_dtype = False
+
+    def begin_pass(self, scale_index: int, persist: bool = True) -> None:
+        super().begin_pass(scale_index, persist=True)

@@ -134,8 +134,8 @@ class SelfAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.softmax_scale,
         )
-        if cache is not None:
-            cache.after_attention(layer, q, k)
+        if cache is not None:  # the hook sees the queries exactly as the softmax does
+            cache.after_attention(layer, q if self.softmax_scale == 1.0 else q * self.softmax_scale, k)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 

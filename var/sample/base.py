@@ -9,7 +9,9 @@ Three pieces, each replaceable on its own:
   null-class half for guidance) and its KV cache.  ``logits_for(state, si)`` returns the logits of scale si,
   first pre-filling in one block-causal pass whatever earlier scales the cache does not hold yet; so a
   model that joins half-way (the CoDe refiner) just starts asking at its first scale.
-* :class:`KVPolicy` — how a runner's cache is built (full, or compressed by ScaleKV).
+* :class:`KVPolicy` — how a runner's cache is built (full, or compressed by ScaleKV).  A runner knows the
+  range of scales [start, stop) it will decode, so the policy sizes the buffers for exactly that range and
+  the keys/values of scale stop-1 are never stored (nothing reads them).
 
 :class:`VARSampler` runs ``choose_tokens`` / ``advance`` over a range of scales with one runner; add-on
 samplers reuse these steps with other runners, ranges and caches.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from var.models.kv_cache import KVCache
+from var.models.kv_cache import KVCache, OfficialLayoutKVCache
 from var.models.var import VAR
 from var.sample.logits import SamplingSettings, draw, guidance_weight, guide, gumbel_smooth, target_logits
 from var.tokenizers.vqvae import VQVAE
@@ -69,19 +71,54 @@ class KVPolicy:
 
     name = "full"
 
-    def make_cache(self, model: VAR, rows: int) -> KVCache:
+    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+        """A cache for a runner of ``rows`` batch rows that decodes scales [start, stop) (default: all)."""
         cfg = model.config
-        return KVCache(cfg.depth, cfg.seq_len - cfg.tokens_per_scale[-1])
+        stop = cfg.num_scales if stop is None else stop
+        return KVCache(cfg.depth, cfg.scale_bounds[stop - 1][0])
+
+
+class OfficialLayoutKVPolicy(KVPolicy):
+    """The official cache layout (float32 keys under autocast, last scale cached): same samples, more memory.
+
+    Only for measuring the exact savings of the default; no sampler uses it.
+    """
+
+    name = "official-layout"
+
+    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+        cfg = model.config
+        stop = cfg.num_scales if stop is None else stop
+        return OfficialLayoutKVCache(cfg.depth, cfg.scale_bounds[stop - 1][1])
+
+
+def kv_stats(cache: KVCache, suffix: str = "") -> dict[str, int]:
+    """KV memory of one runner: bytes of its buffers, and bytes of the keys/values it holds at the end."""
+    return {f"kv_bytes{suffix}": cache.allocated_bytes(), f"kv_bytes_held{suffix}": cache.used_bytes()}
 
 
 class ScaleRunner:
-    """One transformer and its KV cache, decoding a batch scale by scale."""
+    """One transformer and its KV cache, decoding a batch scale by scale.
 
-    def __init__(self, model: VAR, labels: torch.Tensor, kv_policy: KVPolicy | None = None):
+    ``start`` and ``stop`` are the scales it will be asked for: the first request pre-fills scales < start
+    in the same pass, and the keys/values of scale ``stop - 1`` are never stored.  They only size the cache.
+    """
+
+    def __init__(
+        self,
+        model: VAR,
+        labels: torch.Tensor,
+        kv_policy: KVPolicy | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ):
         self.model = model
+        self.stop = model.config.num_scales if stop is None else stop
+        if not 0 <= start < self.stop <= model.config.num_scales:
+            raise ValueError(f"scale range [{start}, {self.stop}) is not inside [0, {model.config.num_scales})")
         null = torch.full_like(labels, model.num_classes)
         self.cond = model.class_condition(torch.cat((labels, null)))  # (2B, C): conditional, then null class
-        self.cache = (kv_policy or KVPolicy()).make_cache(model, self.cond.shape[0])
+        self.cache = (kv_policy or KVPolicy()).make_cache(model, self.cond.shape[0], start, self.stop)
         self.cached_scales = 0  # scales 0..cached_scales-1 are in the cache
 
     def scale_inputs(self, state: DecodeState, scale_index: int) -> torch.Tensor | None:
@@ -98,17 +135,18 @@ class ScaleRunner:
         """One transformer pass over scales first..last on top of the cached scales < first.
 
         ``features[j]`` is the input of scale first+j (None for scale 0).  Blocks attend block-causally;
-        their keys/values are appended to the cache unless the pass reaches the last scale.
+        their keys/values are appended to the cache unless the pass reaches the runner's last scale.
         Returns the hidden states (2B, n_first + ... + n_last, C).
         """
         model = self.model
-        num_scales = model.config.num_scales
+        if last >= self.stop:
+            raise ValueError(f"this runner decodes scales below {self.stop}; scale {last} was requested")
         begin = model.config.scale_bounds[first][0]
         present = [f for f in features if f is not None]
         inputs = torch.cat(present, dim=1).repeat(2, 1, 1) if present else None  # same content for both halves
         x = model.input_tokens(self.cond, inputs, begin)
         mask = model.scale_mask(first, last, self.cache.length)
-        self.cache.begin_pass(last, persist=last < num_scales - 1)
+        self.cache.begin_pass(last, persist=last < self.stop - 1)
         hidden = model.forward_hidden(x, self.cond, attn_mask=mask, cache=self.cache)
         self.cached_scales = last + 1
         state.passes += 1
@@ -164,8 +202,10 @@ class VARSampler:
         batch_size: int | None = None,
         record_logits: bool = False,
     ) -> DecodeState:
-        """Validate labels, seed the generator and start with an empty f_hat."""
+        """Validate labels, seed the generator and start with an empty f_hat (and a fresh CUDA peak)."""
         device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         labels = self.resolve_labels(labels, device, generator, batch_size)
@@ -221,16 +261,19 @@ class VARSampler:
             self.advance(state, scale_index, self.choose_tokens(state, scale_index, logits))
 
     def finish(self, state: DecodeState, decode: bool = True, **stats) -> SampleOutput:
-        """Decode f_hat to images in [0, 1] (``decode=False`` leaves ``images`` None, for token-only timing).
+        """Decode f_hat to images in [0, 1]; stats gain the pass count and, on CUDA, the peak memory.
 
-        The VAE runs in chunks of ``decode_chunk`` images: its full-resolution activations, not the
-        transformer, set the peak memory of large batches otherwise.
+        ``decode=False`` leaves ``images`` None (token-only timing).  The VAE runs in chunks of
+        ``decode_chunk`` images: at large batch its full-resolution activations, not the transformer, would
+        otherwise set the peak memory.
         """
         images = None
         if decode:
             chunks = state.f_hat.split(self.decode_chunk)
             images = torch.cat([self.vqvae.fhat_to_image(chunk).add(1).mul(0.5).float() for chunk in chunks])
         stats.setdefault("passes", state.passes)
+        if state.f_hat.device.type == "cuda":
+            stats["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(state.f_hat.device)
         return SampleOutput(images, state.indices, state.f_hat, stats, state.guided_logits)
 
     # -- the whole loop ----------------------------------------------------------------------------------
@@ -248,4 +291,4 @@ class VARSampler:
         state = self.begin(labels, seed, generator, batch_size, record_logits)
         runner = ScaleRunner(self.model, state.labels, self.kv_policy)
         self.run_scales(runner, state, 0, self.num_scales)
-        return self.finish(state, decode, kv_bytes=runner.cache.allocated_bytes())
+        return self.finish(state, decode, **kv_stats(runner.cache))

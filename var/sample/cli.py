@@ -12,9 +12,10 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from var.pipeline import load_pair
+from var.pipeline import load_pair, load_var
 from var.sample.logits import SamplingSettings
-from var.sample.registry import SAMPLER_NAMES, build_sampler
+from var.sample.registry import SAMPLER_NAMES, build_sampler, sampler_options
+from var.sample.scalekv import SCORINGS
 from var.utils import autocast, compile_for_sampling, resolve_device, to_uint8
 
 
@@ -28,9 +29,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, sampler_choice: bool = True) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--sampler", default="var", choices=SAMPLER_NAMES)
+    if sampler_choice:
+        group.add_argument("--sampler", default="var", choices=SAMPLER_NAMES)
+        add_sampler_option_arguments(parser)
     group.add_argument("--cfg", type=float, default=1.5, help="guidance weight at the last scale")
     group.add_argument("--top-k", type=int, nargs="+", default=[900], help="one value or one per scale")
     group.add_argument("--top-p", type=float, nargs="+", default=[0.96], help="one value or one per scale")
@@ -38,6 +41,58 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (nicer, not for FID)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch-size", type=int, default=64)
+
+
+def add_sampler_option_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("add-on samplers (code, scalekv, code+scalekv)")
+    group.add_argument("--refiner", help="CoDe refiner: bundle/run directory or official-format .pth")
+    group.add_argument("--draft-steps", type=int, help="CoDe: scales the drafter decodes (default: all but 2)")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--kv-budget", type=float, help="ScaleKV: uniform budget, fraction of the cache (0.1)")
+    budget.add_argument("--kv-budget-file", help="ScaleKV: budget JSON written by 'var calibrate-kv'")
+    group.add_argument("--refiner-kv-budget-file", help="code+scalekv: the refiner's budget JSON")
+    group.add_argument("--kv-scoring", choices=SCORINGS, help="ScaleKV token scoring (default softmax)")
+    group.add_argument("--kv-window", type=int,
+                       help="ScaleKV with --kv-budget: observation window grid side (default 4: 16 tokens)")
+    group.add_argument("--kv-share-cfg", action="store_true",
+                       help="ScaleKV: the unconditional half keeps the tokens the conditional half chose")
+
+
+# sampler option -> the flag that sets it
+_OPTION_FLAGS = {
+    "refiner": "--refiner",
+    "draft_steps": "--draft-steps",
+    "kv_budget": "--kv-budget/--kv-budget-file",
+    "refiner_kv_budget": "--refiner-kv-budget-file",
+    "kv_scoring": "--kv-scoring",
+    "kv_share_cfg": "--kv-share-cfg",
+    "kv_window": "--kv-window",
+}
+
+
+def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> dict:
+    """The options of ``args.sampler`` set on the command line (the refiner loaded; budget files are paths).
+
+    Raises a ValueError naming any flag that the chosen sampler does not use.
+    """
+    given = {
+        "refiner": args.refiner,
+        "draft_steps": args.draft_steps,
+        "kv_budget": args.kv_budget if args.kv_budget_file is None else args.kv_budget_file,
+        "refiner_kv_budget": args.refiner_kv_budget_file,
+        "kv_scoring": args.kv_scoring,
+        "kv_share_cfg": args.kv_share_cfg or None,
+        "kv_window": args.kv_window,
+    }
+    given = {option: value for option, value in given.items() if value is not None}
+    accepted = sampler_options(args.sampler)
+    stray = [_OPTION_FLAGS[option] for option in given if option not in accepted]
+    if stray:
+        verb = "does" if len(stray) == 1 else "do"
+        raise ValueError(f"{', '.join(stray)} {verb} not apply to --sampler {args.sampler}")
+    if "refiner" in given:
+        given["refiner"] = load_var(given["refiner"], device)
+    return given
 
 
 def _one_or_list(values: list):
@@ -55,10 +110,12 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 
 def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int, device, dtype: str,
-                      progress: bool = True, batch_ids: Sequence[int] | None = None) -> torch.Tensor:
+                      progress: bool = True, batch_ids: Sequence[int] | None = None,
+                      stats: list | None = None) -> torch.Tensor:
     """Sample one image per label in batches; batch i (labels[i*batch_size:(i+1)*batch_size]) uses seed
     ``seed + i``, so any subset of batches (``batch_ids``, default all) reproduces the same images.
-    Returns uint8 (n, 3, H, W) for the chosen batches, in order.
+    Returns uint8 (n, 3, H, W) for the chosen batches, in order; each batch's ``SampleOutput.stats`` is
+    appended to ``stats`` when given.
     """
     if batch_ids is None:
         batch_ids = range(math.ceil(len(labels) / batch_size))
@@ -67,7 +124,18 @@ def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int,
         with autocast(device, dtype):
             out = sampler.sample(labels[i * batch_size:(i + 1) * batch_size], seed=seed + i)
         chunks.append(to_uint8(out.images).cpu())
+        if stats is not None:
+            stats.append(out.stats)
     return torch.cat(chunks)
+
+
+def memory_summary(stats: dict) -> str:
+    """One line on the KV cache (and CUDA peak) of a batch, from its sampler stats."""
+    mib = 2**20
+    line = f"KV cache {stats['kv_bytes'] / mib:.2f} MiB allocated, {stats['kv_bytes_held'] / mib:.2f} MiB held"
+    if "peak_cuda_bytes" in stats:
+        line += f"; peak CUDA memory {stats['peak_cuda_bytes'] / mib:.0f} MiB"
+    return line
 
 
 def add_parser(subparsers) -> None:
@@ -88,7 +156,8 @@ def run(args: argparse.Namespace) -> None:
     vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
     if args.compile:
         compile_for_sampling(model, vqvae, args.compile)
-    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args))
+    options = sampler_options_from_args(args, device)
+    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **options)
     if args.labels is not None:
         labels = torch.tensor(args.labels)
         nrow = args.nrow or min(8, len(labels))
@@ -96,11 +165,12 @@ def run(args: argparse.Namespace) -> None:
         per_class = args.per_class or 1
         labels = torch.arange(model.num_classes).repeat_interleave(per_class)
         nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(labels))))
-    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype)
+    stats = []
+    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), out)
-    print(f"wrote {len(images)} samples to {out}")
+    print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
         np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         print(f"wrote {args.npz}")

@@ -1,0 +1,66 @@
+"""``var calibrate-kv``: measure every layer's attention selectivity per scale and write a ScaleKV budget.
+
+    var calibrate-kv --ckpt RUN --kv-budget 0.1 --out budget.json
+    var sample --ckpt RUN --sampler scalekv --kv-budget-file budget.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from var.pipeline import load_pair
+from var.sample.cli import add_model_arguments, add_sampling_arguments, settings_from_args
+from var.sample.kv_budget import WINDOW_SIDE, KVBudget, measure_selectivity
+from var.utils import autocast, resolve_device
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-kv", help="measure attention selectivity per layer and scale, write a ScaleKV budget JSON"
+    )
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, sampler_choice=False)
+    group = parser.add_argument_group("calibration")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--labels", type=int, nargs="+", help="calibration class labels")
+    which.add_argument("--num-labels", type=int, default=10, help="this many random classes (default 10)")
+    group.add_argument("--kv-budget", type=float, default=0.1, help="fraction of the cache kept (default 0.1)")
+    group.add_argument("--drafter-fraction", type=float, default=0.1,
+                       help="share of the compressed (layer, scale) pairs classified as drafters (default 0.1)")
+    group.add_argument("--kv-window", type=int, default=WINDOW_SIDE,
+                       help="observation window grid side (default 4: 16 tokens)")
+    group.add_argument("--history-top-k", type=int,
+                       help="K' of the selectivity index (default: the tokens per layer of the budget)")
+    group.add_argument("--out", required=True, help="budget JSON to write")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    cfg = model.config
+    if args.labels is not None:
+        labels = torch.tensor(args.labels)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        labels = torch.randperm(cfg.num_classes, generator=generator)[: args.num_labels]
+    per_layer = KVBudget.uniform(cfg, args.kv_budget, args.kv_window).tokens_per_layer
+    history_top_k = args.history_top_k or per_layer
+    with autocast(device, args.dtype):
+        selectivity = measure_selectivity(model, vqvae, labels, history_top_k, settings_from_args(args),
+                                          args.batch_size, args.seed)
+    budget = KVBudget.from_selectivity(cfg, selectivity, args.kv_budget, args.drafter_fraction, args.kv_window)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    budget.save(out)
+    print(f"calibrated on {len(labels)} labels; {per_layer} history tokens per layer on average "
+          f"({args.kv_budget:g} of {cfg.seq_len - cfg.tokens_per_scale[-1]})")
+    for k, pn in enumerate(cfg.patch_nums):
+        kept = budget.history[k]
+        if k > 0 and cfg.scale_bounds[k - 1][1] > per_layer:
+            print(f"  scale {pn:>2}x{pn:<2} drafters {budget.drafters[k] or '-'}; tokens kept per layer "
+                  f"{min(kept)}..{max(kept)} of {cfg.scale_bounds[k - 1][1]}")
+    print(f"wrote {out}")

@@ -1,0 +1,297 @@
+"""ScaleKV budgets: how many cached tokens each layer keeps at each scale, and how to calibrate them.
+
+A budget says, for every scale k and layer l, how many history tokens (of scales < k) layer l still holds
+when it decodes scale k.  A uniform budget of fraction f gives every layer round(f * P) tokens, P being
+the prefix the last scale attends to (424 tokens at 256 px); scales whose whole history fits are never
+compressed, and no layer keeps fewer than the SOS sink plus the observation window of the scale just
+decoded.
+
+Calibration (spec_accel.md 2.2) classifies (layer, scale) pairs: the Attention Selectivity Index
+ASI = E_q[attention mass on the current scale] * E_q[mass of the K' largest history attentions] is high
+for "refiners" (local attention, a small cache suffices) and low for "drafters" (dispersed attention).
+ASI is z-scored within each scale, and the lowest-z pairs become drafters.  Within each compressed scale
+the layers share the uniform total: drafters keep as much of their history as the refiners' minimum
+allows, refiners split what remains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from var.models.kv_cache import KVCache
+from var.models.var import VAR, VARConfig
+from var.sample.base import KVPolicy, VARSampler
+from var.sample.logits import SamplingSettings
+from var.tokenizers.vqvae import VQVAE
+
+FORMAT = "var-kv-budget/1"
+WINDOW_SIDE = 4  # a 4x4 grid of observation queries, 16 tokens, as ScaleKV uses
+
+
+def window_offsets(side: int, window_side: int = WINDOW_SIDE) -> list[int]:
+    """Positions, inside a side x side map, of the observation window: the centre token of each cell of a
+    window_side x window_side grid, or the whole map when it is smaller than the grid."""
+    if side < window_side:
+        return list(range(side * side))
+    cell = side // window_side
+    lines = [i * cell + (cell - 1) // 2 for i in range(window_side)]
+    return [row * side + col for row in lines for col in lines]
+
+
+@dataclass
+class KVBudget:
+    """Per-scale, per-layer history budgets for one transformer shape (patch_nums, depth).
+
+    ``history[k][l]``: tokens of scales < k that layer l holds when it decodes scale k.
+    ``drafters[k]``: layers classified as drafters at scale k (empty for a uniform budget).
+    ``selectivity[k][l]``: the measured ASI (None for scale 0, or for a uniform budget).
+    """
+
+    patch_nums: tuple[int, ...]
+    num_layers: int
+    fraction: float
+    tokens_per_layer: int
+    window_side: int
+    history: list[list[int]]
+    drafters: list[list[int]]
+    selectivity: list[list[float] | None] | None = None
+
+    # -- building -------------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, config: VARConfig, fraction: float, window_side: int = WINDOW_SIDE) -> KVBudget:
+        """Every layer keeps the same number of history tokens."""
+        return cls.from_roles(config, fraction, [[] for _ in config.patch_nums], window_side)
+
+    @classmethod
+    def from_roles(
+        cls,
+        config: VARConfig,
+        fraction: float,
+        drafters: Sequence[Sequence[int]],
+        window_side: int = WINDOW_SIDE,
+        selectivity: list[list[float] | None] | None = None,
+    ) -> KVBudget:
+        """Allocate tokens per layer and scale given which layers are drafters at each scale."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"the KV budget is a fraction of the cache in (0, 1], got {fraction}")
+        if window_side < 1:
+            raise ValueError(f"the observation window side must be at least 1, got {window_side}")
+        tokens = config.tokens_per_scale
+        prefix = config.seq_len - tokens[-1]
+        per_layer = max(round(fraction * prefix), 1)
+        depth = config.depth
+        history = [[0] * depth]
+        for k in range(1, config.num_scales):
+            available = [held + tokens[k - 1] for held in history[-1]]  # before compressing after scale k-1
+            floor = 1 + len(window_offsets(config.patch_nums[k - 1], window_side))  # SOS sink + window
+            if config.scale_bounds[k - 1][1] <= per_layer:  # the whole history fits: nothing to compress
+                history.append(available)
+                continue
+            total = per_layer * depth
+            drafting = sorted(drafters[k])
+            refining = [layer for layer in range(depth) if layer not in drafting]
+            kept = [0] * depth
+            if drafting:
+                cap = max((total - floor * len(refining)) // len(drafting), floor)
+                for layer in drafting:
+                    kept[layer] = min(available[layer], cap)
+            if refining:
+                share = (total - sum(kept)) // len(refining)
+                for layer in refining:
+                    kept[layer] = min(available[layer], max(share, floor))
+            history.append(kept)
+        return cls(tuple(config.patch_nums), depth, float(fraction), per_layer, window_side, history,
+                   [sorted(d) for d in drafters], selectivity)
+
+    @classmethod
+    def from_selectivity(
+        cls,
+        config: VARConfig,
+        selectivity: list[list[float] | None],
+        fraction: float,
+        drafter_fraction: float = 0.1,
+        window_side: int = WINDOW_SIDE,
+    ) -> KVBudget:
+        """Classify (layer, scale) pairs by z-scored ASI and allocate: the lowest ``drafter_fraction`` of the
+        pairs at compressed scales become drafters."""
+        if not 0 <= drafter_fraction <= 1:
+            raise ValueError(f"drafter_fraction must be in [0, 1], got {drafter_fraction}")
+        per_layer = cls.uniform(config, fraction, window_side).tokens_per_layer
+        compressed = [k for k in range(1, config.num_scales) if config.scale_bounds[k - 1][1] > per_layer]
+        pairs = []  # (z, scale, layer)
+        for k in compressed:
+            values = torch.tensor(selectivity[k], dtype=torch.float64)
+            z = (values - values.mean()) / (values.std(unbiased=False) + 1e-6)
+            pairs += [(float(z[layer]), k, layer) for layer in range(config.depth)]
+        drafters = [[] for _ in config.patch_nums]
+        for _, k, layer in sorted(pairs)[: round(drafter_fraction * len(pairs))]:
+            drafters[k].append(layer)
+        return cls.from_roles(config, fraction, drafters, window_side, selectivity)
+
+    # -- using ----------------------------------------------------------------------------------------
+    def check(self, config: VARConfig) -> None:
+        """Raise a ValueError unless this budget fits a model of ``config`` and is self-consistent."""
+        if tuple(self.patch_nums) != tuple(config.patch_nums) or self.num_layers != config.depth:
+            raise ValueError(
+                f"the KV budget is for {self.num_layers} layers and patch_nums {tuple(self.patch_nums)}, the model "
+                f"has {config.depth} layers and patch_nums {tuple(config.patch_nums)}: calibrate a budget for it "
+                "with 'var calibrate-kv' (for a CoDe refiner pass it as --refiner-kv-budget-file)"
+            )
+        tokens = config.tokens_per_scale
+        for k in range(1, config.num_scales):
+            floor = 1 + len(window_offsets(config.patch_nums[k - 1], self.window_side))
+            for layer in range(self.num_layers):
+                available = self.history[k - 1][layer] + tokens[k - 1]
+                if not min(available, floor) <= self.history[k][layer] <= available:
+                    raise ValueError(
+                        f"KV budget: layer {layer} at scale {k} keeps {self.history[k][layer]} tokens, outside "
+                        f"[{min(available, floor)}, {available}] (SOS + window .. all it holds)"
+                    )
+
+    def capacities(self, start: int, stop: int) -> list[int]:
+        """Tokens each layer's buffer needs for a runner decoding scales [start, stop): the most it keeps
+        after any pass whose keys are stored (the pre-fill up to ``start``, then scales up to stop - 2)."""
+        stored = [self.history[k + 1] for k in range(start, stop - 1)]
+        return [max(kept) for kept in zip(*stored, strict=True)] if stored else [0] * self.num_layers
+
+    # -- JSON -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        scales = {}
+        for k, pn in enumerate(self.patch_nums):
+            scales[f"{pn}x{pn}"] = {
+                "history_tokens": self.history[k],
+                "drafter_layers": self.drafters[k],
+                "selectivity": self.selectivity[k] if self.selectivity else None,
+            }
+        return {
+            "format": FORMAT,
+            "patch_nums": list(self.patch_nums),
+            "num_layers": self.num_layers,
+            "fraction": self.fraction,
+            "tokens_per_layer": self.tokens_per_layer,
+            "window_side": self.window_side,
+            "scales": scales,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "KV budget") -> KVBudget:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a KV budget (expected \"format\": \"{FORMAT}\"); write one with "
+                             "'var calibrate-kv'")
+        try:
+            patch_nums = tuple(int(pn) for pn in data["patch_nums"])
+            scales = [data["scales"][f"{pn}x{pn}"] for pn in patch_nums]
+            selectivity = [scale["selectivity"] for scale in scales]
+            return cls(
+                patch_nums=patch_nums,
+                num_layers=int(data["num_layers"]),
+                fraction=float(data["fraction"]),
+                tokens_per_layer=int(data["tokens_per_layer"]),
+                window_side=int(data["window_side"]),
+                history=[[int(t) for t in scale["history_tokens"]] for scale in scales],
+                drafters=[[int(layer) for layer in scale["drafter_layers"]] for scale in scales],
+                selectivity=None if all(s is None for s in selectivity) else selectivity,
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source} is malformed ({type(error).__name__}: {error}); rewrite it with "
+                             "'var calibrate-kv'") from error
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KVBudget:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"KV budget file {path} not found; write one with 'var calibrate-kv'")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error})") from error
+        return cls.from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration: attention selectivity of every layer at every scale
+class SelectivityRecorder(KVCache):
+    """A full cache that, after each attention, adds up the two ASI factors for (layer, scale).
+
+    ``totals[(layer, scale)]`` = [sum of current-scale mass, sum of top-K' history mass, query count], over
+    every (row, head, query) of the scale; rows include both CFG halves, as the cache serves both.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, tokens_per_scale: list[int], history_top_k: int, totals):
+        super().__init__(num_layers, capacity)
+        self.tokens_per_scale = tokens_per_scale
+        self.history_top_k = history_top_k
+        self.totals = totals
+
+    def after_attention(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        count = self.tokens_per_scale[self.scale_index]
+        history = keys.shape[2] - count
+        if history == 0:
+            return
+        # queries (rows, heads, n, head_dim) of the current scale; keys (rows, heads, history + n, head_dim)
+        attention = (queries[:, :, -count:].float() @ keys.float().transpose(-1, -2)).softmax(dim=-1)
+        current = attention[..., history:].sum(dim=-1)
+        top = attention[..., :history].topk(min(self.history_top_k, history), dim=-1).values.sum(dim=-1)
+        entry = self.totals.setdefault((layer, self.scale_index), [0.0, 0.0, 0])
+        entry[0] += float(current.sum())
+        entry[1] += float(top.sum())
+        entry[2] += current.numel()
+
+
+class SelectivityPolicy(KVPolicy):
+    """Caches built by this policy record attention selectivity into one shared table."""
+
+    name = "selectivity"
+
+    def __init__(self, history_top_k: int):
+        self.history_top_k = history_top_k
+        self.totals: dict[tuple[int, int], list] = {}
+
+    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+        cfg = model.config
+        stop = cfg.num_scales if stop is None else stop
+        return SelectivityRecorder(cfg.depth, cfg.scale_bounds[stop - 1][0], cfg.tokens_per_scale,
+                                   self.history_top_k, self.totals)
+
+    def selectivity(self, config: VARConfig) -> list[list[float] | None]:
+        """ASI[scale][layer] = mean current mass * mean top-K' history mass (None for scale 0)."""
+        table: list[list[float] | None] = [None]
+        for k in range(1, config.num_scales):
+            row = []
+            for layer in range(config.depth):
+                current, top, count = self.totals[(layer, k)]
+                row.append((current / count) * (top / count))
+            table.append(row)
+        return table
+
+
+@torch.no_grad()
+def measure_selectivity(
+    model: VAR,
+    vqvae: VQVAE,
+    labels: torch.Tensor,
+    history_top_k: int,
+    settings: SamplingSettings | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[list[float] | None]:
+    """ASI of every (scale, layer) while sampling ``labels`` with the plain sampler (batch i: seed + i).
+
+    ``history_top_k`` is K', the number of largest history attentions whose mass counts (naturally the
+    tokens a layer keeps under the budget being calibrated).
+    """
+    cfg = model.config
+    policy = SelectivityPolicy(history_top_k)
+    sampler = VARSampler(model, vqvae, settings, kv_policy=policy)
+    for i, start in enumerate(range(0, len(labels), batch_size)):
+        sampler.sample(labels[start:start + batch_size], seed=seed + i)
+    return policy.selectivity(cfg)

@@ -1,0 +1,222 @@
+"""ScaleKV: scale-aware KV-cache compression (spec_accel.md section 2, transferred to VAR per 2.8).
+
+After a layer has attended at scale k (always to its whole current scale, never compressed), its cache is
+cut to the budget that layer has when it decodes scale k+1 (:class:`~var.sample.kv_budget.KVBudget`).
+Always kept: the SOS token (scale 0, an attention sink) and the observation window, the centre tokens of a
+4x4 grid over scale k's map (the whole map when smaller).  The other kept tokens are those the window
+queries attend to most: per the paper, the softmax attention of the window queries summed over them and
+average-pooled along the key index (``scoring="softmax"``); or, as the released code does, their
+pre-softmax logits summed and max-pooled (``scoring="max-pool"``).  Every (row, head) selects on its own,
+so the conditional and unconditional CFG halves keep different tokens unless ``share_cfg_choice`` makes
+the unconditional half reuse the conditional half's choice.
+
+A pass's own keys/values stay transient (like its activations) until the layer has attended; only what
+the budget keeps is written to the buffers, which are allocated per layer at the most that layer ever
+keeps.  So the persistent cache really shrinks to the budget, even after CoDe's long one-pass pre-fill.
+With budget 1.0 nothing is ever dropped and sampling is exactly the plain sampler.
+VAR has absolute position embeddings added at the input, so kept keys need no position bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from var.models.kv_cache import KVCache
+from var.models.var import VAR
+from var.sample.base import KVPolicy, VARSampler
+from var.sample.code import CoDeSampler
+from var.sample.kv_budget import WINDOW_SIDE, KVBudget, window_offsets
+from var.sample.logits import SamplingSettings
+from var.tokenizers.vqvae import VQVAE
+
+SCORINGS = ("softmax", "max-pool")
+
+
+class ScaleKVCache(KVCache):
+    """A KV cache that stores, after each layer's attention, only the tokens of its budget.
+
+    ``capacity`` comes from :meth:`KVBudget.capacities` for the scales the runner decodes.
+    """
+
+    def __init__(
+        self,
+        budget: KVBudget,
+        capacity: list[int],
+        scoring: str = "softmax",
+        share_cfg_choice: bool = False,
+        pool_kernel: int = 5,
+    ):
+        super().__init__(budget.num_layers, capacity)
+        self.budget = budget
+        self.scoring = scoring
+        self.share_cfg_choice = share_cfg_choice
+        self.pool_kernel = pool_kernel
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # this layer's pass, not yet stored
+        self.lengths_at_pass_start = list(self.lengths)
+
+    def begin_pass(self, scale_index: int, persist: bool = True) -> None:
+        super().begin_pass(scale_index, persist)
+        self.lengths_at_pass_start = list(self.lengths)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the held history plus this pass's k, v without storing them (after_attention does)."""
+        held = self.lengths[layer]
+        if held != self.lengths_at_pass_start[0] and k.shape[2] != self.budget.patch_nums[self.scale_index] ** 2:
+            # the pass's block-causal mask assumes every layer holds as many tokens as the first
+            raise RuntimeError("a pass over several scales cannot run on layers compressed to different lengths")
+        if not self.persist:
+            return super().update(layer, k, v)
+        k = k.to(v.dtype)
+        if held:
+            k = torch.cat((self.keys[layer][:, :, :held], k), dim=2)
+            v = torch.cat((self.values[layer][:, :, :held], v), dim=2)
+        self.pending = (k, v, held)
+        return k, v
+
+    def after_attention(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        if not self.persist:
+            return
+        keys, values, held = self.pending
+        self.pending = None
+        target = self.budget.history[self.scale_index + 1][layer]
+        if keys.shape[2] <= target:  # everything fits: append the pass
+            super().update(layer, keys[:, :, held:], values[:, :, held:])
+            return
+        keep = self.select(queries, keys, target)  # (rows, heads, target), ascending positions
+        index = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        self.lengths[layer] = 0
+        super().update(layer, keys.gather(2, index), values.gather(2, index))
+
+    def select(self, queries: torch.Tensor, keys: torch.Tensor, target: int) -> torch.Tensor:
+        """Positions of the ``target`` keys to keep per (row, head).
+
+        queries (rows, heads, n_pass, head_dim) of the pass, its last scale at the end; keys (rows, heads,
+        length, head_dim), everything this layer attended to, the current scale at the end.
+        """
+        side = self.budget.patch_nums[self.scale_index]
+        length = keys.shape[2]
+        offsets = torch.tensor(window_offsets(side, self.budget.window_side), device=keys.device)
+        window = length - side * side + offsets  # key positions of the window tokens
+        window_queries = queries[:, :, -side * side:].index_select(2, offsets).float()  # (rows, heads, W, hd)
+        logits = window_queries @ keys.float().transpose(-1, -2)  # (rows, heads, W, length)
+        rows, heads = logits.shape[:2]
+        pad = self.pool_kernel // 2
+        if self.scoring == "softmax":
+            scores = logits.softmax(dim=-1).sum(dim=2).view(rows * heads, 1, length)
+            scores = F.avg_pool1d(scores, self.pool_kernel, stride=1, padding=pad, count_include_pad=False)
+        else:
+            logits[..., window] = float("-inf")
+            scores = F.max_pool1d(logits.sum(dim=2).view(rows * heads, 1, length), self.pool_kernel, 1, pad)
+        scores = scores.view(rows, heads, length)
+        scores[..., window] = float("inf")
+        scores[..., 0] = float("inf")  # the SOS sink
+        keep = scores.topk(target, dim=-1).indices.sort(dim=-1).values
+        if self.share_cfg_choice:  # the unconditional half (second) reuses the conditional half's choice
+            half = rows // 2
+            keep[half:] = keep[:half]
+        return keep
+
+
+class ScaleKVPolicy(KVPolicy):
+    """Builds :class:`ScaleKVCache` s from a calibrated :class:`KVBudget` or a uniform fraction.
+
+    Args:
+        budget: a KVBudget for the model's shape (or the path of its JSON), or a fraction in (0, 1] for a
+            uniform budget.
+        scoring: "softmax" (the paper) or "max-pool" (the released code).
+        share_cfg_choice: the unconditional half keeps the tokens the conditional half chose.
+        pool_kernel: width of the 1-D pooling over key positions (1: none).
+        window_side: observation window of a uniform budget, window_side^2 grid centres (a calibrated
+            budget carries its own).
+    """
+
+    name = "scalekv"
+
+    def __init__(
+        self,
+        budget: float | KVBudget | str | os.PathLike = 0.1,
+        scoring: str = "softmax",
+        share_cfg_choice: bool = False,
+        pool_kernel: int = 5,
+        window_side: int = WINDOW_SIDE,
+    ):
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown KV scoring '{scoring}'; choose one of {', '.join(SCORINGS)}")
+        if pool_kernel < 1 or pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be an odd positive number, got {pool_kernel}")
+        if isinstance(budget, (str, os.PathLike)):
+            budget = KVBudget.load(budget)
+        if not isinstance(budget, KVBudget) and not 0 < float(budget) <= 1:
+            raise ValueError(f"the KV budget is a fraction of the cache in (0, 1], got {budget}")
+        self.budget = budget
+        self.scoring = scoring
+        self.share_cfg_choice = share_cfg_choice
+        self.pool_kernel = pool_kernel
+        self.window_side = window_side
+
+    def budget_for(self, model: VAR) -> KVBudget:
+        if isinstance(self.budget, KVBudget):
+            self.budget.check(model.config)
+            return self.budget
+        return KVBudget.uniform(model.config, float(self.budget), self.window_side)
+
+    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+        budget = self.budget_for(model)
+        stop = model.config.num_scales if stop is None else stop
+        return ScaleKVCache(budget, budget.capacities(start, stop), self.scoring, self.share_cfg_choice,
+                            self.pool_kernel)
+
+
+class ScaleKVSampler(VARSampler):
+    """The plain scale loop on ScaleKV-compressed caches (options as in :class:`ScaleKVPolicy`)."""
+
+    name = "scalekv"
+
+    def __init__(
+        self,
+        model: VAR,
+        vqvae: VQVAE,
+        settings: SamplingSettings | None = None,
+        kv_budget: float | KVBudget | str | os.PathLike = 0.1,
+        kv_scoring: str = "softmax",
+        kv_share_cfg: bool = False,
+        kv_window: int = WINDOW_SIDE,
+    ):
+        policy = ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window)
+        super().__init__(model, vqvae, settings, policy)
+        self.kv_policy.budget_for(model)  # a budget of the wrong shape fails here, not mid-sampling
+
+
+class CoDeScaleKVSampler(CoDeSampler):
+    """CoDe whose drafter and refiner both run on ScaleKV caches.
+
+    ``kv_budget`` is the drafter's (a fraction, or a KVBudget calibrated on the drafter);
+    ``refiner_kv_budget`` the refiner's (default: the same, which needs the same shape if calibrated).
+    """
+
+    name = "code+scalekv"
+
+    def __init__(
+        self,
+        model: VAR,
+        vqvae: VQVAE,
+        settings: SamplingSettings | None = None,
+        refiner: VAR | None = None,
+        draft_steps: int | None = None,
+        kv_budget: float | KVBudget | str | os.PathLike = 0.1,
+        refiner_kv_budget: float | KVBudget | str | os.PathLike | None = None,
+        kv_scoring: str = "softmax",
+        kv_share_cfg: bool = False,
+        kv_window: int = WINDOW_SIDE,
+    ):
+        refiner_kv_budget = kv_budget if refiner_kv_budget is None else refiner_kv_budget
+        super().__init__(
+            model, vqvae, settings, refiner, draft_steps,
+            kv_policy=ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window),
+            refiner_kv_policy=ScaleKVPolicy(refiner_kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window),
+        )
+        self.kv_policy.budget_for(model)
+        self.refiner_kv_policy.budget_for(self.refiner)
