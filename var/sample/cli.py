@@ -13,7 +13,9 @@ from tqdm import tqdm
 
 from var.pipeline import load_pair
 from var.sample.logits import SamplingSettings
-from var.sample.registry import SAMPLER_NAMES, build_sampler
+from var.sample.registry import SAMPLER_NAMES, build_sampler, model_name_for
+from var.sample.sjd import DRAFT_INITS
+from var.sample.sjd_scale import DRAFT_SOURCES
 from var.utils import autocast, resolve_device, to_uint8
 
 
@@ -36,6 +38,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (nicer, not for FID)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch-size", type=int, default=64)
+    spec = parser.add_argument_group("speculative decoding (sjd, sjd-scale)")
+    spec.add_argument("--window", type=int, help="sjd: tokens per pass (default 16); sjd-scale: scales per pass (3)")
+    spec.add_argument("--draft-init", choices=DRAFT_INITS, help="sjd: one-hot guess for new drafts (default above)")
+    spec.add_argument("--draft-source", choices=DRAFT_SOURCES, help="sjd-scale: where drafts come from (recycle)")
+    spec.add_argument("--spec-max-tokens", type=int, help="sjd-scale: speculate only blocks up to this size (36)")
+    spec.add_argument("--gumbel", action="store_true",
+                      help="var, sjd-scale: Gumbel-max draws keyed by the seed (both give the same tokens)")
 
 
 def _one_or_list(values: list):
@@ -52,15 +61,29 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
     )
 
 
+def sampler_options(args: argparse.Namespace) -> dict:
+    """The sampler options given on the command line (each sampler validates which ones it takes)."""
+    options = {
+        "window": args.window, "draft_init": args.draft_init, "draft_source": args.draft_source,
+        "spec_max_tokens": args.spec_max_tokens, "gumbel": args.gumbel or None,
+    }
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int, device, dtype: str,
-                      progress: bool = True) -> torch.Tensor:
-    """Sample one image per label in batches; batch i uses seed ``seed + i``.  Returns uint8 (N, 3, H, W)."""
+                      progress: bool = True, stats: list | None = None) -> torch.Tensor:
+    """Sample one image per label in batches; batch i uses seed ``seed + i``.  Returns uint8 (N, 3, H, W).
+
+    ``stats``, if given, collects every batch's statistics (forward passes, ...).
+    """
     chunks = []
     starts = range(0, len(labels), batch_size)
     for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
         with autocast(device, dtype):
             out = sampler.sample(labels[start:start + batch_size], seed=seed + i)
         chunks.append(to_uint8(out.images).cpu())
+        if stats is not None:
+            stats.append(out.stats)
     return torch.cat(chunks)
 
 
@@ -79,8 +102,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
-    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args))
+    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, var_name=model_name_for(args.sampler))
+    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **sampler_options(args))
     if args.labels is not None:
         labels = torch.tensor(args.labels)
         nrow = args.nrow or min(8, len(labels))
@@ -88,7 +111,12 @@ def run(args: argparse.Namespace) -> None:
         per_class = args.per_class or 1
         labels = torch.arange(model.num_classes).repeat_interleave(per_class)
         nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(labels))))
-    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype)
+    stats: list[dict] = []
+    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
+    sizes = [len(labels[start:start + args.batch_size]) for start in range(0, len(labels), args.batch_size)]
+    passes = [batch.get("passes_per_image", batch["passes"]) for batch in stats]  # plain: one batch pass = one image
+    mean_passes = sum(p * size for p, size in zip(passes, sizes, strict=True)) / len(labels)
+    print(f"{args.sampler}: {mean_passes:.2f} forward passes per image")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), out)
