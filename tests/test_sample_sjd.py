@@ -4,7 +4,9 @@ The exactness tests draw 100k samples from a tiny model with a 4-code vocabulary
 cheap, the batch is the cost) and compare their histogram with the exact joint law, enumerated by
 teacher-forced passes over every context, with a chi-square test.  The runs are seeded, so CI is
 deterministic; a correct sampler would fail a fresh seed with probability ALPHA.  Deliberately broken
-variants, made by patching one step of the real code path, must fail the same test with p < 1e-6.
+variants, made by patching one step of the real code path, must fail the same test with p < 1e-6; a
+quarter of the samples is plenty for that (at 100k their p-values underflow to 0 or sit below 1e-60),
+which keeps the file fast.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from var.sample.sjd_scale import ScaleSpeculativeSampler
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 
 NUM_SAMPLES = 100_000
+BROKEN_SAMPLES = 25_000
+CHUNK = 25_000  # rows per sampling call: big enough to amortise the passes, small enough to stay in cache
 ALPHA = 1e-3  # family-wise level of the seeded exactness runs (Bonferroni over their statistics)
 BROKEN = 1e-6  # a broken variant must be rejected at least this strongly
 VOCAB = 4
@@ -42,6 +46,15 @@ def tiny_tokenizer(patch_nums: tuple[int, ...]) -> VQVAE:
     config = VQVAEConfig(vocab_size=VOCAB, z_channels=4, ch=2, ch_mult=(1,), num_res_blocks=0, norm_groups=1,
                          use_attn=False, use_mid_attn=False, patch_nums=patch_nums)
     return VQVAE(config).eval()
+
+
+def sample_indices(sampler, num_samples: int, seed: int) -> tuple[list[torch.Tensor], dict]:
+    """Token maps of ``num_samples`` samples of class 1, drawn in chunks (chunk i uses seed + i)."""
+    outs = [sampler.sample(1, seed=seed + i, batch_size=min(CHUNK, num_samples - start))
+            for i, start in enumerate(range(0, num_samples, CHUNK))]
+    indices = [torch.cat(scale) for scale in zip(*(out.indices for out in outs), strict=True)]
+    passes = sum(out.stats["passes_per_image"] * len(out.indices[0]) for out in outs) / num_samples
+    return indices, {"passes_per_image": passes}
 
 
 def chi_square_p(codes: torch.Tensor, exact: torch.Tensor) -> float:
@@ -80,9 +93,9 @@ def tiny_ar():
     return model, vqvae, exact
 
 
-def ar_p_value(sampler, exact: torch.Tensor, seed: int = 0) -> float:
-    out = sampler.sample(1, seed=seed, batch_size=NUM_SAMPLES)
-    codes = (out.indices[0] * VOCAB ** torch.arange(3, -1, -1)).sum(dim=1)
+def ar_p_value(sampler, exact: torch.Tensor, num_samples: int = NUM_SAMPLES, seed: int = 0) -> float:
+    indices, _ = sample_indices(sampler, num_samples, seed)
+    codes = (indices[0] * VOCAB ** torch.arange(3, -1, -1)).sum(dim=1)
     return chi_square_p(codes, exact)
 
 
@@ -113,7 +126,8 @@ def test_sjd_broken_variants_are_detected(tiny_ar, monkeypatch, variant):
         monkeypatch.setattr(speculative, *BROKEN_SJD[variant])
     else:  # the reference code's batch > 1 bug: accepted tokens of faster rows are verified again
         monkeypatch.setattr(sampler, "rows_advance", lambda accepted: accepted.min().expand_as(accepted))
-    assert ar_p_value(sampler, exact) < BROKEN
+    p_value = ar_p_value(sampler, exact, BROKEN_SAMPLES)
+    assert p_value < BROKEN, p_value
 
 
 def test_sjd_greedy_equals_plain_greedy_in_fewer_passes():
@@ -191,22 +205,25 @@ def tiny_scale_var():
     return model, vqvae, first_two, with_last
 
 
-def scale_p_values(sampler, first_two, with_last, seed: int = 0) -> list[float]:
-    out = sampler.sample(1, seed=seed, batch_size=NUM_SAMPLES)
-    codes = out.indices[0][:, 0] * VOCAB**4 + (out.indices[1] * VOCAB ** torch.arange(3, -1, -1)).sum(dim=1)
+def scale_p_values(
+    sampler, first_two, with_last, num_samples: int = NUM_SAMPLES, seed: int = 0
+) -> tuple[list[float], float]:
+    """p-values of (r0, r1) and of (r0, r1, r2[i]) for each tested i; and the passes per image."""
+    indices, stats = sample_indices(sampler, num_samples, seed)
+    codes = indices[0][:, 0] * VOCAB**4 + (indices[1] * VOCAB ** torch.arange(3, -1, -1)).sum(dim=1)
     p_values = [chi_square_p(codes, first_two)]
     for i, exact in zip(SCALE_POSITIONS, with_last, strict=True):
-        p_values.append(chi_square_p(codes * VOCAB + out.indices[2][:, i], exact))
-    assert out.stats["passes_per_image"] < 3  # speculation merged scales
-    return p_values
+        p_values.append(chi_square_p(codes * VOCAB + indices[2][:, i], exact))
+    return p_values, stats["passes_per_image"]
 
 
 def test_sjd_scale_matches_exact_law(tiny_scale_var):
     """Window 3 over 3 scales: guessed drafts, recycled stale drafts, ragged rows, bonus blocks."""
     model, vqvae, first_two, with_last = tiny_scale_var
     sampler = ScaleSpeculativeSampler(model, vqvae, SETTINGS, window=3, draft_source="recycle")
-    p_values = scale_p_values(sampler, first_two, with_last)
+    p_values, passes = scale_p_values(sampler, first_two, with_last)
     assert min(p_values) > ALPHA / len(p_values), p_values
+    assert passes < 3  # speculation merged scales
 
 
 @pytest.mark.parametrize("variant", [*BROKEN_SJD, "rewind to batch minimum"])
@@ -217,7 +234,8 @@ def test_sjd_scale_broken_variants_are_detected(tiny_scale_var, monkeypatch, var
         monkeypatch.setattr(speculative, *BROKEN_SJD[variant])
     else:  # decided scales of faster rows are verified again
         monkeypatch.setattr(sampler, "rows_frontier", lambda decided: decided.min().expand_as(decided))
-    assert min(scale_p_values(sampler, first_two, with_last)) < BROKEN
+    p_values, _ = scale_p_values(sampler, first_two, with_last, BROKEN_SAMPLES)
+    assert min(p_values) < BROKEN, p_values
 
 
 # ------------------------------------------------------------------------------------------------------

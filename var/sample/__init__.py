@@ -2,19 +2,26 @@
 
 ``build_sampler(name, model, vqvae, settings, **options)`` returns an object with
 ``sample(labels, seed=...) -> SampleOutput``; the CLI's ``--sampler NAME`` takes the same names.
+``ar`` and ``sjd`` decode the raster AR baseline (var/models/ar.py) instead of VAR.
 """
 
+from var.sample.ar import ARSampler
 from var.sample.base import DecodeState, KVPolicy, SampleOutput, ScaleRunner, VARSampler
 from var.sample.logits import SamplingSettings
 from var.sample.registry import SAMPLER_NAMES, build_sampler
+from var.sample.sjd import SJDSampler
+from var.sample.sjd_scale import ScaleSpeculativeSampler
 
 __all__ = [
+    "ARSampler",
     "DecodeState",
     "KVPolicy",
     "SAMPLER_NAMES",
+    "SJDSampler",
     "SampleOutput",
     "SamplingSettings",
     "ScaleRunner",
+    "ScaleSpeculativeSampler",
     "VARSampler",
     "build_sampler",
 ]
