@@ -68,3 +68,18 @@ def test_bad_image_size_is_a_clear_error():
 def test_norm_groups_validation():
     with pytest.raises(ValueError, match="norm_groups"):
         tiny_vqvae_config(ch=6)
+
+
+def test_single_scale_token_map_decodes_with_a_schedule_override():
+    """The raster AR baseline's tokens: the latent quantised as one scale (side,) of a multi-scale tokenizer."""
+    torch.manual_seed(3)
+    vqvae = VQVAE(tiny_vqvae_config()).eval()  # schedule (1, 2, 3, 4)
+    with torch.no_grad():
+        f = vqvae.encode_latent(torch.rand(2, 3, 8, 8) * 2 - 1)
+        default = vqvae.quantize.indices_to_fhat(vqvae.quantize.quantize(f)[0])
+        tokens, fhat_per_scale = vqvae.quantize.quantize(f, patch_nums=(4,))
+        assert torch.equal(vqvae.quantize.indices_to_fhat(tokens, patch_nums=(4,)), fhat_per_scale[-1])
+        assert torch.equal(vqvae.decode(tokens, patch_nums=(4,)), vqvae.fhat_to_image(fhat_per_scale[-1]))
+        assert torch.equal(vqvae.quantize.indices_to_fhat(vqvae.encode(torch.zeros(1, 3, 8, 8))),
+                           vqvae.quantize.indices_to_fhat(vqvae.encode(torch.zeros(1, 3, 8, 8)), (1, 2, 3, 4)))
+    assert vqvae.patch_nums == (1, 2, 3, 4) and default.shape == f.shape

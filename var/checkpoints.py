@@ -299,15 +299,19 @@ def load_official(
     return vqvae_model, var_model
 
 
-def check_pair(vqvae: VQVAE, var: VAR) -> None:
-    """Raise a ValueError when a tokenizer and a transformer cannot work together."""
+def check_pair(vqvae: VQVAE, var: VAR | RasterAR) -> None:
+    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster AR baseline) cannot work together."""
     problems = []
     if vqvae.config.vocab_size != var.config.vocab_size:
         problems.append(f"vocab_size {vqvae.config.vocab_size} vs {var.config.vocab_size}")
-    if vqvae.config.z_channels != var.config.z_channels:
-        problems.append(f"z_channels {vqvae.config.z_channels} vs {var.config.z_channels}")
-    if tuple(vqvae.patch_nums) != tuple(var.config.patch_nums):
-        problems.append(f"patch_nums {vqvae.patch_nums} vs {var.config.patch_nums}")
+    if isinstance(var, RasterAR):  # one token map of the tokenizer's latent size
+        if var.config.side != vqvae.patch_nums[-1]:
+            problems.append(f"latent side {vqvae.patch_nums[-1]} vs the AR's token map side {var.config.side}")
+    else:
+        if vqvae.config.z_channels != var.config.z_channels:
+            problems.append(f"z_channels {vqvae.config.z_channels} vs {var.config.z_channels}")
+        if tuple(vqvae.patch_nums) != tuple(var.config.patch_nums):
+            problems.append(f"patch_nums {vqvae.patch_nums} vs {var.config.patch_nums}")
     if problems:
         raise ValueError("tokenizer and transformer do not match: " + "; ".join(problems))
 

@@ -2,8 +2,9 @@
 
 Accepted sources:
 
-* a model bundle directory holding ``vqvae.json/.safetensors`` and ``var.json/.safetensors``
-  (what training writes into every checkpoint directory);
+* a model bundle directory holding ``vqvae.json/.safetensors`` and ``var.json/.safetensors`` (or
+  ``ar.json/.safetensors`` for the raster AR baseline; pick it with ``var_name="ar"``), what training
+  writes into every checkpoint directory;
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
 * the official ``.pth`` files, given as ``vae=`` and ``var=``.
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae
+from var.models.ar import RasterAR
 from var.models.var import VAR
 from var.tokenizers.vqvae import VQVAE
 
@@ -49,8 +51,11 @@ def load_pair(
     var: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     var_name: str = "var",
-) -> tuple[VQVAE, VAR]:
-    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` files."""
+) -> tuple[VQVAE, VAR | RasterAR]:
+    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` files.
+
+    ``var_name`` names the transformer checkpoint in a bundle: ``var``, or ``ar`` for the raster baseline.
+    """
     if ckpt is not None:
         bundle = resolve_bundle(ckpt, var_name)
         vqvae = load_model(bundle, "vqvae")

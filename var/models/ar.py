@@ -117,13 +117,20 @@ class RasterAR(nn.Module):
 
         ``tokens`` (B, n) are the tokens *fed* at those positions, i.e. the tokens of positions begin-1...
         """
-        parts = []
-        if begin == 0:
-            parts.append(cond.unsqueeze(1))
-        if tokens is not None and tokens.shape[1] > 0:
-            parts.append(self.token_embed(tokens))
-        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return x + self.pos_embed[:, begin: begin + x.shape[1]]
+        batch = cond.shape[0]
+        fed = tokens if tokens is not None else cond.new_zeros(batch, 0, dtype=torch.long)
+        if begin == 0:  # position 0 takes the start token; a placeholder keeps tokens aligned with positions
+            fed = torch.cat((fed.new_zeros(batch, 1), fed), dim=1)
+        positions = torch.arange(begin, begin + fed.shape[1], device=cond.device).expand(batch, -1)
+        return self.inputs_at(cond, fed, positions)
+
+    def inputs_at(self, cond: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embedded inputs at per-row positions (B, n): the start token where a position is 0, else
+        embed(tokens), where ``tokens[b, i]`` is the token fed at ``positions[b, i]`` (that of the position
+        before).  Rows may sit at different positions (ragged speculative windows)."""
+        x = self.token_embed(tokens)
+        x = torch.where((positions == 0).unsqueeze(-1), cond.unsqueeze(1).to(x.dtype), x)
+        return x + self.pos_embed[0, positions]
 
     def forward_hidden(
         self,

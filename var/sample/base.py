@@ -26,7 +26,16 @@ import torch
 
 from var.models.kv_cache import KVCache, OfficialLayoutKVCache
 from var.models.var import VAR
-from var.sample.logits import SamplingSettings, draw, guidance_weight, guide, gumbel_smooth, target_logits
+from var.sample.logits import (
+    SamplingSettings,
+    draw,
+    guidance_weight,
+    guide,
+    gumbel_max,
+    gumbel_noise,
+    gumbel_smooth,
+    target_logits,
+)
 from var.tokenizers.vqvae import VQVAE
 
 
@@ -52,6 +61,7 @@ class DecodeState:
     features: list[torch.Tensor] = field(default_factory=list)  # input of scale si+1: (B, pn_{si+1}^2, Cvae)
     guided_logits: list[torch.Tensor] | None = None
     passes: int = 0  # transformer forward passes
+    noise_seed: int | None = None  # Gumbel-max mode: seed of the counter-based noise (None: multinomial draws)
 
     @property
     def batch_size(self) -> int:
@@ -60,6 +70,31 @@ class DecodeState:
     @property
     def scales_done(self) -> int:
         return len(self.indices)
+
+
+def resolve_labels(
+    labels: torch.Tensor | Sequence[int] | int | None,
+    num_classes: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Validated class labels (B,) on ``device``; -1 becomes the null class, None draws ``batch_size`` at random."""
+    if labels is None:
+        if batch_size is None:
+            raise ValueError("pass labels or batch_size")
+        uniform = torch.ones(num_classes, device=device)
+        return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
+    if isinstance(labels, int):
+        labels = [labels] * (batch_size or 1)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+    bad = (labels < -1) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"label {int(labels[bad][0])} is out of range: this model has {num_classes} classes "
+            f"(0..{num_classes - 1}; -1 samples unconditionally)"
+        )
+    return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)  # -1: the null class
 
 
 class KVPolicy:
@@ -131,11 +166,13 @@ class ScaleRunner:
         last: int,
         features: Sequence[torch.Tensor | None],
         state: DecodeState,
+        persist: bool | None = None,
     ) -> torch.Tensor:
         """One transformer pass over scales first..last on top of the cached scales < first.
 
         ``features[j]`` is the input of scale first+j (None for scale 0).  Blocks attend block-causally;
-        their keys/values are appended to the cache unless the pass reaches the runner's last scale.
+        their keys/values are appended to the cache unless the pass reaches the runner's last scale (``persist``
+        overrides this: a speculative pass that may be rolled back keeps them).
         Returns the hidden states (2B, n_first + ... + n_last, C).
         """
         model = self.model
@@ -146,11 +183,16 @@ class ScaleRunner:
         inputs = torch.cat(present, dim=1).repeat(2, 1, 1) if present else None  # same content for both halves
         x = model.input_tokens(self.cond, inputs, begin)
         mask = model.scale_mask(first, last, self.cache.length)
-        self.cache.begin_pass(last, persist=last < self.stop - 1)
+        self.cache.begin_pass(last, persist=last < self.stop - 1 if persist is None else persist)
         hidden = model.forward_hidden(x, self.cond, attn_mask=mask, cache=self.cache)
         self.cached_scales = last + 1
         state.passes += 1
         return hidden
+
+    def rollback(self, num_scales: int) -> None:
+        """Keep only scales < num_scales in the cache (speculative blocks that were rejected)."""
+        self.cache.truncate(self.model.config.scale_bounds[num_scales - 1][1] if num_scales else 0)
+        self.cached_scales = num_scales
 
     def logits_for(self, state: DecodeState, scale_index: int) -> torch.Tensor:
         """Unguided logits (2B, pn^2, V) of one scale, pre-filling any earlier scales not yet cached."""
@@ -171,6 +213,9 @@ class VARSampler:
         vqvae: the tokenizer it was trained with.
         settings: guidance and filtering (:class:`SamplingSettings`).
         kv_policy: how KV caches are built (default: exact, last scale uncached).
+        gumbel: draw tokens as argmax(processed logits + G) with counter-based Gumbel noise G keyed by the
+            seed, instead of multinomial draws: the same law, but a deterministic function of (seed, logits),
+            which lets a speculative sampler reproduce plain sampling token for token.
     """
 
     name = "var"
@@ -182,11 +227,13 @@ class VARSampler:
         vqvae: VQVAE,
         settings: SamplingSettings | None = None,
         kv_policy: KVPolicy | None = None,
+        gumbel: bool = False,
     ):
         self.model = model
         self.vqvae = vqvae
         self.settings = settings or SamplingSettings()
         self.kv_policy = kv_policy or KVPolicy()
+        self.gumbel = gumbel
         self.num_scales = model.config.num_scales
         if tuple(vqvae.patch_nums) != tuple(model.config.patch_nums):
             raise ValueError(
@@ -206,38 +253,38 @@ class VARSampler:
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if self.gumbel and seed is None:
+            raise ValueError("Gumbel-max sampling needs a seed (the noise is keyed by it); pass seed=...")
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         labels = self.resolve_labels(labels, device, generator, batch_size)
         side = self.model.config.patch_nums[-1]
         f_hat = torch.zeros(labels.shape[0], self.model.config.z_channels, side, side, device=device)
-        return DecodeState(labels, f_hat, generator, guided_logits=[] if record_logits else None)
+        return DecodeState(labels, f_hat, generator, guided_logits=[] if record_logits else None,
+                           noise_seed=seed if self.gumbel else None)
 
     def resolve_labels(self, labels, device, generator, batch_size) -> torch.Tensor:
-        num_classes = self.model.num_classes
-        if labels is None:
-            if batch_size is None:
-                raise ValueError("pass labels or batch_size")
-            uniform = torch.ones(num_classes, device=device)
-            return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
-        if isinstance(labels, int):
-            labels = [labels] * (batch_size or 1)
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
-        bad = (labels < -1) | (labels >= num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"label {int(labels[bad][0])} is out of range: this model has {num_classes} classes "
-                f"(0..{num_classes - 1}; -1 samples unconditionally)"
-            )
-        return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)  # -1: the null class
+        return resolve_labels(labels, self.model.num_classes, device, generator, batch_size)
 
-    def choose_tokens(self, state: DecodeState, scale_index: int, logits: torch.Tensor) -> torch.Tensor:
-        """Guide, filter and draw the tokens of one scale; returns their features (B, Cvae, pn, pn)."""
+    def processed_logits(self, state: DecodeState, scale_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Guided and filtered logits (B, pn^2, V) of one scale: the distribution its tokens are drawn from."""
         guided = guide(logits, guidance_weight(self.settings.cfg, scale_index, self.num_scales))
         if state.guided_logits is not None:
             state.guided_logits.append(guided.clone())
-        processed = target_logits(guided, self.settings, scale_index)
-        indices = draw(processed.softmax(dim=-1), state.generator)  # (B, pn^2)
+        return target_logits(guided, self.settings, scale_index)
+
+    def draw_tokens(self, state: DecodeState, scale_index: int, processed: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, pn^2) from processed logits: a multinomial draw, or Gumbel-max in Gumbel mode."""
+        if state.noise_seed is None:
+            return draw(processed.softmax(dim=-1), state.generator)
+        begin = self.model.config.scale_bounds[scale_index][0]
+        rows, count, vocab = processed.shape
+        return gumbel_max(processed, gumbel_noise(state.noise_seed, rows, begin, count, vocab, processed.device))
+
+    def choose_tokens(self, state: DecodeState, scale_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Guide, filter and draw the tokens of one scale; returns their features (B, Cvae, pn, pn)."""
+        processed = self.processed_logits(state, scale_index, logits)
+        indices = self.draw_tokens(state, scale_index, processed)  # (B, pn^2)
         codebook = self.vqvae.quantize.embedding.weight
         if self.settings.more_smooth:
             ratio = scale_index / (self.num_scales - 1) if self.num_scales > 1 else 1.0

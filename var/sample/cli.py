@@ -14,8 +14,10 @@ from tqdm import tqdm
 
 from var.pipeline import load_pair, load_var
 from var.sample.logits import SamplingSettings
-from var.sample.registry import SAMPLER_NAMES, build_sampler, sampler_options
+from var.sample.registry import SAMPLER_NAMES, build_sampler, model_name_for, sampler_options
 from var.sample.scalekv import SCORINGS
+from var.sample.sjd import DRAFT_INITS
+from var.sample.sjd_scale import DRAFT_SOURCES
 from var.utils import autocast, compile_for_sampling, resolve_device, to_uint8
 
 
@@ -56,6 +58,13 @@ def add_sampler_option_arguments(parser: argparse.ArgumentParser) -> None:
                        help="ScaleKV with --kv-budget: observation window grid side (default 4: 16 tokens)")
     group.add_argument("--kv-share-cfg", action="store_true",
                        help="ScaleKV: the unconditional half keeps the tokens the conditional half chose")
+    spec = parser.add_argument_group("speculative decoding (sjd, sjd-scale)")
+    spec.add_argument("--window", type=int, help="sjd: tokens per pass (default 16); sjd-scale: scales per pass (3)")
+    spec.add_argument("--draft-init", choices=DRAFT_INITS, help="sjd: one-hot guess for new drafts (default above)")
+    spec.add_argument("--draft-source", choices=DRAFT_SOURCES, help="sjd-scale: where drafts come from (recycle)")
+    spec.add_argument("--spec-max-tokens", type=int, help="sjd-scale: speculate only blocks up to this size (36)")
+    spec.add_argument("--gumbel", action="store_true",
+                      help="var, sjd-scale: Gumbel-max draws keyed by the seed (both give the same tokens)")
 
 
 # sampler option -> the flag that sets it
@@ -67,6 +76,11 @@ _OPTION_FLAGS = {
     "kv_scoring": "--kv-scoring",
     "kv_share_cfg": "--kv-share-cfg",
     "kv_window": "--kv-window",
+    "window": "--window",
+    "draft_init": "--draft-init",
+    "draft_source": "--draft-source",
+    "spec_max_tokens": "--spec-max-tokens",
+    "gumbel": "--gumbel",
 }
 
 
@@ -83,6 +97,11 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
         "kv_scoring": args.kv_scoring,
         "kv_share_cfg": args.kv_share_cfg or None,
         "kv_window": args.kv_window,
+        "window": args.window,
+        "draft_init": args.draft_init,
+        "draft_source": args.draft_source,
+        "spec_max_tokens": args.spec_max_tokens,
+        "gumbel": args.gumbel or None,
     }
     given = {option: value for option, value in given.items() if value is not None}
     accepted = sampler_options(args.sampler)
@@ -109,6 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
     )
 
 
+
 def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int, device, dtype: str,
                       progress: bool = True, batch_ids: Sequence[int] | None = None,
                       stats: list | None = None) -> torch.Tensor:
@@ -132,6 +152,8 @@ def sample_in_batches(sampler, labels: torch.Tensor, batch_size: int, seed: int,
 def memory_summary(stats: dict) -> str:
     """One line on the KV cache (and CUDA peak) of a batch, from its sampler stats."""
     mib = 2**20
+    if "kv_bytes" not in stats:
+        return "no KV statistics"
     line = f"KV cache {stats['kv_bytes'] / mib:.2f} MiB allocated, {stats['kv_bytes_held'] / mib:.2f} MiB held"
     if "peak_cuda_bytes" in stats:
         line += f"; peak CUDA memory {stats['peak_cuda_bytes'] / mib:.0f} MiB"
@@ -153,7 +175,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, var_name=model_name_for(args.sampler))
     if args.compile:
         compile_for_sampling(model, vqvae, args.compile)
     options = sampler_options_from_args(args, device)
@@ -165,8 +187,12 @@ def run(args: argparse.Namespace) -> None:
         per_class = args.per_class or 1
         labels = torch.arange(model.num_classes).repeat_interleave(per_class)
         nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(labels))))
-    stats = []
+    stats: list[dict] = []
     images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
+    sizes = [len(labels[start:start + args.batch_size]) for start in range(0, len(labels), args.batch_size)]
+    passes = [batch.get("passes_per_image", batch["passes"]) for batch in stats]  # plain: one batch pass = one image
+    mean_passes = sum(p * size for p, size in zip(passes, sizes, strict=True)) / len(labels)
+    print(f"{args.sampler}: {mean_passes:.2f} forward passes per image")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), out)

@@ -99,3 +99,51 @@ def gumbel_smooth(
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
     gumbel = -torch.empty_like(processed).exponential_(generator=generator).log()
     return ((processed.mul(1 + ratio) + gumbel) / tau).softmax(dim=-1)
+
+
+# -- Gumbel-max draws with counter-based noise ---------------------------------------------------------
+# The noise of (seed, row, token, code) is a hash of those integers, so it exists "pre-drawn" for every
+# position of every scale without any generator state: two samplers that visit the scales in different
+# orders or passes (plain and speculative) see exactly the same noise.
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for x < 2^32 in int64, split in 16-bit halves so nothing overflows."""
+    low = (x & 0xFFFF) * constant
+    high = ((x >> 16) * constant) & 0xFFFF
+    return (low + (high << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser: a bijection of 32-bit integers with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(
+    seed: int, rows: int, begin: int, count: int, vocab: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Gumbel noise (rows, count, vocab) for tokens begin..begin+count-1 of every row, keyed by ``seed``.
+
+    Each value depends only on (seed, row, token index, code): uniforms with 53 random bits from two
+    independent 32-bit hashes, then G = -log(-log(u)).
+    """
+    if (begin + count) * vocab >= 2**32:
+        raise ValueError(f"{begin + count} tokens x {vocab} codes exceed the 2^32 noise counters")
+    seed_key = _mix32(torch.tensor([(seed >> 32) & _MASK32], device=device)) ^ (seed & _MASK32)
+    row_keys = _mix32(_mix32(seed_key) ^ torch.arange(rows, device=device)).view(rows, 1, 1)
+    tokens = torch.arange(begin, begin + count, device=device).view(1, count, 1)
+    counters = tokens * vocab + torch.arange(vocab, device=device).view(1, 1, vocab)  # (1, count, vocab)
+    high = _mix32(_mix32(counters ^ row_keys))  # 32 bits
+    low = _mix32(_mix32(counters ^ _mix32(row_keys ^ 0x9E3779B9))) >> 11  # 21 bits
+    uniforms = ((high * 2**21 + low).double() + 0.5) / 2.0**53
+    return uniforms.log().neg().log().neg().float()
+
+
+def gumbel_max(processed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(processed + noise): a draw from softmax(processed); filtered (-inf) codes are never chosen."""
+    return (processed + noise).argmax(dim=-1)

@@ -169,19 +169,25 @@ class MultiScaleQuantizer(nn.Module):
             fhat_per_scale.append(f_hat.clone())
         return indices, fhat_per_scale
 
-    def indices_to_fhat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Algorithm (B): per-scale index maps -> f_hat (B, Cvae, h, w), bit-identical to ``quantize``."""
-        patch_nums = self.patch_nums[: len(indices)]  # a prefix of the scales gives a partial f_hat
-        num_scales = len(self.patch_nums)
+    def indices_to_fhat(
+        self, indices: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Algorithm (B): per-scale index maps -> f_hat (B, Cvae, h, w), bit-identical to ``quantize``.
+
+        ``patch_nums`` overrides the schedule the maps were quantised with (e.g. ``(side,)`` for the single
+        token map of the raster AR baseline, as ``quantize(f, (side,))`` produces it).
+        """
+        schedule = tuple(patch_nums or self.patch_nums)
+        patch_nums = schedule[: len(indices)]  # a prefix of the scales gives a partial f_hat
+        num_scales, latent_size = len(schedule), schedule[-1]
         batch = indices[0].shape[0]
         f_hat = torch.zeros(
-            batch, self.z_channels, self.latent_size, self.latent_size,
-            device=indices[0].device, dtype=torch.float32,
+            batch, self.z_channels, latent_size, latent_size, device=indices[0].device, dtype=torch.float32
         )
         for si, pn in enumerate(patch_nums):
             h = self.lookup(indices[si], pn)
             if si < num_scales - 1:
-                h = bicubic_up(h, self.latent_size)
+                h = bicubic_up(h, latent_size)
             f_hat.add_(self.phi_at(si, num_scales)(h))
         return f_hat
 

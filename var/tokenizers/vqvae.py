@@ -310,9 +310,9 @@ class VQVAE(nn.Module):
         """Decode a quantised latent to an image in [-1, 1]."""
         return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
 
-    def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-scale index maps -> image in [-1, 1]."""
-        return self.fhat_to_image(self.quantize.indices_to_fhat(indices))
+    def decode(self, indices: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-scale index maps (quantised with ``patch_nums``, default this schedule) -> image in [-1, 1]."""
+        return self.fhat_to_image(self.quantize.indices_to_fhat(indices, patch_nums))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Training pass: (reconstruction (unclamped), vq_loss, per-scale indices)."""
