@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from var.models.kv_cache import KVCache
-from var.models.var import AdaLNBlock, AdaLNHead, VARConfig, block_causal_mask
+from var.models.var import ConditionalTransformer, VARConfig, block_causal_mask
 
 
 @dataclass
@@ -60,57 +59,20 @@ class ARConfig:
         return asdict(self)
 
 
-class RasterAR(nn.Module):
+class RasterAR(ConditionalTransformer):
     """Class-conditional raster-order token transformer (label ``num_classes`` = null class)."""
 
     def __init__(self, cfg: ARConfig | None = None, **overrides):
         super().__init__()
         cfg = cfg or ARConfig(**overrides)
         self.config = cfg
-        block_cfg = cfg.block_config()
         width = cfg.width
-        self.num_classes = cfg.num_classes
+        self._build_stack(cfg.block_config())
         self.token_embed = nn.Embedding(cfg.vocab_size, width)
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, width)
         self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, width))
-        nn.init.trunc_normal_(self.pos_embed, std=math.sqrt(1 / width / 3))
         self.register_buffer("positions", torch.arange(cfg.seq_len), persistent=False)
-        drop_paths = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList([AdaLNBlock(block_cfg, drop_paths[i]) for i in range(cfg.depth)])
-        self.head_norm = AdaLNHead(width, cfg.vocab_size, cfg.norm_eps)
-        self.head = nn.Linear(width, cfg.vocab_size)
         self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
-        """VAR's initialisation rule applied to the same block structure."""
-        std = math.sqrt(1 / self.config.width / 3)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                nn.init.trunc_normal_(module.weight, std=std)
-        self.head.weight.mul_(init_head)
-        self.head_norm.modulation.weight.mul_(init_adaln)
-        width, depth = self.config.width, self.config.depth
-        for block in self.blocks:
-            block.attn.proj.weight.div_(math.sqrt(2 * depth))
-            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-            block.modulation.weight[2 * width:].mul_(init_adaln)
-            block.modulation.weight[: 2 * width].mul_(init_adaln_gamma)
-
-    def check_labels(self, labels: torch.Tensor) -> None:
-        bad = (labels < 0) | (labels > self.num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"label {int(labels[bad][0])} is out of range: this model has {self.num_classes} classes "
-                f"(0..{self.num_classes - 1}; {self.num_classes} is the null class)"
-            )
-
-    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.class_embed(labels)
+        nn.init.trunc_normal_(self.pos_embed, std=math.sqrt(1 / width / 3))
 
     def input_tokens(self, cond: torch.Tensor, tokens: torch.Tensor | None, begin: int) -> torch.Tensor:
         """Embedded inputs of positions begin.. : the start token at position 0, then embed(previous token).
@@ -132,23 +94,6 @@ class RasterAR(nn.Module):
         x = torch.where((positions == 0).unsqueeze(-1), cond.unsqueeze(1).to(x.dtype), x)
         return x + self.pos_embed[0, positions]
 
-    def forward_hidden(
-        self,
-        x: torch.Tensor,
-        cond: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Run every block on embedded inputs x (B, n, C)."""
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cond, attn_mask, cache, layer)
-        return x
-
-    def logits(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_norm(hidden.float(), cond).float()).float()
-
     def causal_mask(self, begin: int, count: int, cached_tokens: int) -> torch.Tensor | None:
         """Causal mask for ``count`` new positions starting at ``begin`` on top of the cached ones."""
         if count == 1:
@@ -160,9 +105,7 @@ class RasterAR(nn.Module):
     def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) for the full token map ``tokens`` (B, L)."""
         self.check_labels(labels)
-        if self.training and self.config.cond_drop_rate > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.config.cond_drop_rate
-            labels = torch.where(drop, self.num_classes, labels)
+        labels = self.drop_labels(labels)
         cond = self.class_condition(labels)
         x = self.input_tokens(cond, tokens[:, :-1], begin=0)
         hidden = self.forward_hidden(x, cond, attn_mask=self.causal_mask(0, x.shape[1], 0))

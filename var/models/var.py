@@ -214,40 +214,20 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
     return query_scales[:, None] >= key_scales[None, :]
 
 
-class VAR(nn.Module):
-    """Class-conditional next-scale-prediction transformer.
+class ConditionalTransformer(nn.Module):
+    """What VAR and the raster AR baseline share: a class embedding with a null class (index
+    ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, and the AdaLN head."""
 
-    Inputs of scales 1.. are continuous Cvae-dimensional features (from the tokenizer), embedded by
-    ``word_embed``; scale 0's input is the SOS token built from the class embedding.  Label ``num_classes``
-    is the null (unconditional) class used for classifier-free guidance and label dropout.
-    """
-
-    def __init__(self, cfg: VARConfig | None = None, **overrides):
-        super().__init__()
-        cfg = cfg or VARConfig(**overrides)
-        self.config = cfg
+    def _build_stack(self, cfg: VARConfig) -> None:
         width = cfg.width
-        init_std = math.sqrt(1 / width / 3)
         self.num_classes = cfg.num_classes
-        self.word_embed = nn.Linear(cfg.z_channels, width)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, width)
-        self.pos_start = nn.Parameter(torch.empty(1, cfg.patch_nums[0] ** 2, width))
-        self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, width))
-        self.level_embed = nn.Embedding(cfg.num_scales, width)
-        for tensor in (self.class_embed.weight, self.pos_start, self.pos_embed, self.level_embed.weight):
-            nn.init.trunc_normal_(tensor, mean=0, std=init_std)
-
-        scale_of_token = torch.cat([torch.full((n,), si) for si, n in enumerate(cfg.tokens_per_scale)])
-        self.register_buffer("scale_of_token", scale_of_token, persistent=False)  # (L,)
-
         self.shared_modulation = nn.Linear(width, 6 * width) if cfg.shared_aln else None
         drop_paths = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([AdaLNBlock(cfg, drop_paths[i]) for i in range(cfg.depth)])
         self.head_norm = AdaLNHead(width, cfg.vocab_size, cfg.norm_eps)
         self.head = nn.Linear(width, cfg.vocab_size)
 
-    # ----------------------------------------------------------------------------------------------
-    # initialisation (spec_var.md 2.9)
     @torch.no_grad()
     def init_weights(
         self,
@@ -256,8 +236,9 @@ class VAR(nn.Module):
         init_head: float = 0.02,
         init_std: float = -1,
     ) -> None:
-        """The official initialisation: truncated normal linears/embeddings, small AdaLN gates and head."""
-        width = self.config.width
+        """The official initialisation (spec_var.md 2.9): truncated normal linears/embeddings, small AdaLN
+        gates and head, residual projections scaled down with depth."""
+        width, depth = self.config.width, self.config.depth
         if init_std < 0:
             init_std = math.sqrt(1 / width / 3)
         for module in self.modules():
@@ -268,55 +249,37 @@ class VAR(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.trunc_normal_(module.weight, std=init_std)
         self.head.weight.mul_(init_head)
-        self.head.bias.zero_()
         self.head_norm.modulation.weight.mul_(init_adaln)
-        self.head_norm.modulation.bias.zero_()
-        depth = self.config.depth
         for block in self.blocks:
             block.attn.proj.weight.div_(math.sqrt(2 * depth))
             block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-            if self.config.shared_aln:
+            if self.shared_modulation is not None:
                 block.modulation_offset[:, :, 2:].mul_(init_adaln)
                 block.modulation_offset[:, :, :2].mul_(init_adaln_gamma)
             else:
                 block.modulation.weight[2 * width:].mul_(init_adaln)
                 block.modulation.weight[: 2 * width].mul_(init_adaln_gamma)
-                block.modulation.bias.zero_()
 
-    # ----------------------------------------------------------------------------------------------
-    # building blocks used by training and by every sampler
     def check_labels(self, labels: torch.Tensor) -> None:
         """Raise a ValueError for labels outside [0, num_classes] (num_classes = the null class)."""
         bad = (labels < 0) | (labels > self.num_classes)
         if bool(bad.any()):
-            value = int(labels[bad][0])
             raise ValueError(
-                f"label {value} is out of range: this model has {self.num_classes} classes "
+                f"label {int(labels[bad][0])} is out of range: this model has {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}; {self.num_classes} is the null class for unconditional samples)"
             )
 
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
-        """Class embedding (B, C): the SOS content and the AdaLN condition."""
+        """Class embedding (B, C): the start-token content and the AdaLN condition."""
         return self.class_embed(labels)
 
-    def input_tokens(self, cond: torch.Tensor, features: torch.Tensor | None, begin: int) -> torch.Tensor:
-        """Embedded transformer inputs for the token range starting at ``begin``.
-
-        Args:
-            cond: class embedding (B, C); used only when ``begin == 0`` (the SOS block).
-            features: continuous inputs (B, n, Cvae) of the tokens after the SOS block (or None).
-            begin: index of the first token in the full sequence.
-        Returns (B, n_tokens, C): [SOS + pos_start ;] word_embed(features), plus level and position embeddings.
-        """
-        parts = []
-        if begin == 0:
-            first = self.pos_start.shape[1]
-            parts.append(cond.unsqueeze(1).expand(-1, first, -1) + self.pos_start)
-        if features is not None and features.shape[1] > 0:
-            parts.append(self.word_embed(features.float()))
-        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        end = begin + x.shape[1]
-        return x + (self.level_embed(self.scale_of_token[begin:end]) + self.pos_embed[0, begin:end])
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Classifier-free-guidance training: in train mode each label becomes the null class with
+        probability ``cond_drop_rate``.  (The official VAR drops labels in eval mode too; we do not.)"""
+        if self.training and self.config.cond_drop_rate > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.config.cond_drop_rate
+            labels = torch.where(drop, self.num_classes, labels)
+        return labels
 
     def forward_hidden(
         self,
@@ -339,6 +302,57 @@ class VAR(nn.Module):
     def logits(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (B, n, V) in float32."""
         return self.head(self.head_norm(hidden.float(), cond).float()).float()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class VAR(ConditionalTransformer):
+    """Class-conditional next-scale-prediction transformer.
+
+    Inputs of scales 1.. are continuous Cvae-dimensional features (from the tokenizer), embedded by
+    ``word_embed``; scale 0's input is the SOS token built from the class embedding.  Label ``num_classes``
+    is the null (unconditional) class used for classifier-free guidance and label dropout.
+    """
+
+    def __init__(self, cfg: VARConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or VARConfig(**overrides)
+        self.config = cfg
+        width = cfg.width
+        init_std = math.sqrt(1 / width / 3)
+        self._build_stack(cfg)
+        self.word_embed = nn.Linear(cfg.z_channels, width)
+        self.pos_start = nn.Parameter(torch.empty(1, cfg.patch_nums[0] ** 2, width))
+        self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, width))
+        self.level_embed = nn.Embedding(cfg.num_scales, width)
+        for tensor in (self.class_embed.weight, self.pos_start, self.pos_embed, self.level_embed.weight):
+            nn.init.trunc_normal_(tensor, mean=0, std=init_std)
+
+        scale_of_token = torch.cat([torch.full((n,), si) for si, n in enumerate(cfg.tokens_per_scale)])
+        self.register_buffer("scale_of_token", scale_of_token, persistent=False)  # (L,)
+
+
+    # ----------------------------------------------------------------------------------------------
+    # inputs and masks (the blocks, head and initialisation are ConditionalTransformer's)
+    def input_tokens(self, cond: torch.Tensor, features: torch.Tensor | None, begin: int) -> torch.Tensor:
+        """Embedded transformer inputs for the token range starting at ``begin``.
+
+        Args:
+            cond: class embedding (B, C); used only when ``begin == 0`` (the SOS block).
+            features: continuous inputs (B, n, Cvae) of the tokens after the SOS block (or None).
+            begin: index of the first token in the full sequence.
+        Returns (B, n_tokens, C): [SOS + pos_start ;] word_embed(features), plus level and position embeddings.
+        """
+        parts = []
+        if begin == 0:
+            first = self.pos_start.shape[1]
+            parts.append(cond.unsqueeze(1).expand(-1, first, -1) + self.pos_start)
+        if features is not None and features.shape[1] > 0:
+            parts.append(self.word_embed(features.float()))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        end = begin + x.shape[1]
+        return x + (self.level_embed(self.scale_of_token[begin:end]) + self.pos_embed[0, begin:end])
 
     def scale_mask(self, first_scale: int, last_scale: int, cached_tokens: int) -> torch.Tensor | None:
         """Block-causal mask for one pass over scales first..last on top of ``cached_tokens`` cached tokens.
@@ -370,9 +384,7 @@ class VAR(nn.Module):
         self.check_labels(labels)
         num_scales = num_scales or self.config.num_scales
         end = self.config.scale_bounds[num_scales - 1][1]
-        if self.training and self.config.cond_drop_rate > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.config.cond_drop_rate
-            labels = torch.where(drop, self.num_classes, labels)
+        labels = self.drop_labels(labels)
         first = self.pos_start.shape[1]
         with torch.autocast(device_type=labels.device.type, enabled=False):
             cond = self.class_condition(labels)
@@ -380,9 +392,6 @@ class VAR(nn.Module):
         mask = self.scale_mask(0, num_scales - 1, 0)
         hidden = self.forward_hidden(x, cond, attn_mask=mask)
         return self.logits(hidden, cond)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def build_var(depth: int, **overrides) -> VAR:
