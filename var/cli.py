@@ -12,6 +12,8 @@ COMMAND_MODULES = [
     "var.eval.cli",
     "var.sample.calibrate_cli",
     "var.bench",
+    "var.train.cli",
+    "var.train.demo",
 ]
 
 

@@ -25,9 +25,12 @@ class ConfigError(ValueError):
     """A config file or override does not fit the schema."""
 
 
-def _suggest(key: str, valid: Sequence[str]) -> str:
+def _suggest(key: str, valid: Sequence[str], prefix: str = "") -> str:
+    """Closest valid key (compared without the dotted ``prefix``, shown with it)."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + k for k in sorted(valid))}"
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -45,6 +48,24 @@ def _nested_dataclass(annotation: Any) -> type | None:
     return None
 
 
+def _coerce_number(value: Any, annotation: Any, key: str) -> Any:
+    """Make numeric fields numeric: YAML reads ``1e-4`` (no dot) as a string and ``3`` as an int."""
+    allowed = set(typing.get_args(annotation)) if typing.get_args(annotation) else {annotation}
+    if value is None or isinstance(value, bool) or not allowed & {int, float}:
+        return value
+    if float in allowed and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if int in allowed and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
+    return value
+
+
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys with a suggestion."""
     data = dict(data or {})
@@ -52,12 +73,14 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in types_by_name:
-            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(key, list(types_by_name))}")
+            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(key, list(types_by_name), where)}")
         nested = _nested_dataclass(types_by_name[key])
         if nested is not None and isinstance(value, dict):
             value = from_dict(nested, value, where=f"{where}{key}.")
         elif isinstance(value, list):
             value = tuple(value) if "tuple" in str(types_by_name[key]) else value
+        else:
+            value = _coerce_number(value, types_by_name[key], f"{where}{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -90,10 +113,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = Non
             if node_cls is not None:
                 valid = _field_types(node_cls)
                 if part not in valid:
-                    prefix = ".".join(parts[:depth])
-                    raise ConfigError(
-                        f"unknown config key '{key}'{_suggest(part, [f'{prefix}.{k}' if prefix else k for k in valid])}"
-                    )
+                    prefix = "".join(f"{p}." for p in parts[:depth])
+                    raise ConfigError(f"unknown config key '{key}'{_suggest(part, list(valid), prefix)}")
                 next_cls = _nested_dataclass(valid[part])
             else:
                 next_cls = None

@@ -48,6 +48,7 @@ class DigitsDataset(Dataset):
     """
 
     num_classes = 10
+    augmented = False  # items are fixed tensors: a trainer may tokenize them once
 
     def __init__(self, split: str = "train", image_size: int = 16, test_fraction: float = 0.2, seed: int = 0):
         images, labels = load_digit_arrays()

@@ -21,6 +21,7 @@ class ShapesDataset(Dataset):
     """
 
     num_classes = len(SHAPES) * len(COLOURS)
+    augmented = False  # item i is a fixed image: a trainer may tokenize it once
 
     def __init__(self, num_samples: int = 1024, image_size: int = 16, seed: int = 0):
         self.num_samples = num_samples

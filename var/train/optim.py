@@ -1,0 +1,95 @@
+"""AdamW with the official parameter grouping and per-step learning-rate / weight-decay schedules (spec_var 4.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from var.train.config import OptimConfig
+
+# Name fragments that exempt a parameter from weight decay: the official list (spec_var 4.2), plus this
+# package's names for the same tensors (lvl_embed -> level_embed, ada_gss -> modulation_offset,
+# scale_mul_1H11 -> log_temperature; pos_1LC is pos_embed here).
+NO_DECAY_NAME_PARTS = (
+    "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
+    "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
+    "level_embed", "modulation_offset", "log_temperature",
+)
+
+
+def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed AdamW group.
+
+    The official rule: a parameter is *not* decayed when it is 1-d (norm scales, per-channel vectors), its
+    name ends in "bias" (including q_bias / v_bias), or its name contains one of :data:`NO_DECAY_NAME_PARTS`
+    (positional / level embeddings, pos_start, attention temperatures, shared-AdaLN offsets).  Everything
+    else is decayed: every Linear / Conv weight and the class, word and token embeddings.
+    Groups carry ``base_weight_decay`` so :func:`apply_schedules` can rescale them.
+    """
+    decay, no_decay = [], []
+    for name, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim <= 1 or name.endswith("bias") or any(part in name for part in NO_DECAY_NAME_PARTS)
+        (no_decay if exempt else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "base_weight_decay": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "base_weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, peak_lr: float) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (fused on CUDA)."""
+    groups = param_groups(model.named_parameters(), config.weight_decay)
+    fused = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None)
+
+
+def peak_learning_rate(config: OptimConfig, effective_batch: int) -> float:
+    """``lr`` if set, else the official ``base_lr * effective_batch / 256``."""
+    return config.lr if config.lr is not None else config.base_lr * effective_batch / 256
+
+
+def warmup_steps(config: OptimConfig, total_steps: int) -> int:
+    """Configured warm-up, or the official ep/50, i.e. 2 % of the run."""
+    return config.warmup_steps if config.warmup_steps is not None else round(total_steps / 50)
+
+
+def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Learning-rate multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    warmup = warmup_steps(config, total_steps)
+    if step < warmup:
+        return config.warmup_start + (1 - config.warmup_start) * step / warmup
+    progress = (step - warmup) / max(1, total_steps - 1 - warmup)  # 0 -> 1 over the rest of the run
+    end = config.end_ratio
+    if config.schedule == "lin0":
+        return 1.0 if progress < 0.05 else end + (1 - end) * (1 - progress) / 0.95
+    if config.schedule == "lin":
+        return end + (1 - end) * (1 - progress)
+    if config.schedule == "cos":
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "const":
+        return 1.0
+    raise ValueError(f"unknown lr schedule '{config.schedule}'; choose lin0, lin, cos or const")
+
+
+def weight_decay_at(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Cosine from ``weight_decay`` to ``weight_decay_end`` over the whole run (constant by default)."""
+    start = config.weight_decay
+    end = start if config.weight_decay_end is None else config.weight_decay_end
+    return end + (start - end) * (0.5 + 0.5 * math.cos(math.pi * step / max(1, total_steps - 1)))
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, total_steps: int, config: OptimConfig,
+                    peak_lr: float) -> float:
+    """Set every group's lr and weight decay for ``step``; returns the lr."""
+    lr = peak_lr * lr_multiplier(step, total_steps, config)
+    weight_decay = weight_decay_at(step, total_steps, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay * group.get("base_weight_decay", 1.0)
+    return lr
