@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from var.checkpoints import check_pair, load_model, load_official_vqvae, save_model
+from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae, save_model
 from var.data.registry import build_dataset
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig
@@ -42,6 +42,15 @@ MODEL_KINDS = ("var", "ar")
 GRID_CLASSES, GRID_PER_CLASS = 10, 8
 _ARCH_KEYS = ("depth", "width", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate",
               "cond_drop_rate", "attn_l2_norm")
+
+
+def load_trained_model(source: str | Path, kind: str = "var") -> VAR | RasterAR:
+    """A model from a run or bundle directory, or an official VAR ``.pth`` file (e.g. var_d30.pth)."""
+    if Path(source).is_file():
+        if kind != "var":
+            raise ValueError(f"{source}: official checkpoint files hold VAR models, not '{kind}'")
+        return load_official_var(source)
+    return load_model(resolve_bundle(source, kind), kind)
 
 
 def progressive_stage(step: int, total_steps: int, warmup: int, loss: TransformerLossConfig, num_scales: int
@@ -173,7 +182,7 @@ class TransformerTrainer(Trainer):
 
     def build_model(self) -> VAR | RasterAR:
         if self.recipe.base:
-            model = load_model(resolve_bundle(self.recipe.base, self.kind), self.kind)
+            model = load_trained_model(self.recipe.base, self.kind)
             self.say(f"starting from {self.recipe.base}")
         else:
             arch = self.stage.model
@@ -192,7 +201,7 @@ class TransformerTrainer(Trainer):
         return model.to(self.device).train()
 
     def load_teacher(self, student: VAR) -> VAR:
-        teacher = load_model(resolve_bundle(self.recipe.teacher, "var"), "var")
+        teacher = load_trained_model(self.recipe.teacher, "var")
         mismatched = [
             f"{key} {getattr(teacher.config, key)} vs student {getattr(student.config, key)}"
             for key in ("vocab_size", "z_channels", "patch_nums", "num_classes")
