@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,6 +264,41 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tokenizer_b
         torch.testing.assert_close(resumed_weights[key], value, rtol=1e-5, atol=1e-6)
     left = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert left == ["latest", "step_0000036", "step_0000040"]  # the last two kept, no temporary leftovers
+
+
+def _interrupt_and_resume(make_trainer, tmp_path, name: str) -> None:
+    """Run 4 steps (checkpoints at 2 and 4); copy the run as if killed after step 2, resume it, compare."""
+    make_trainer(tmp_path / "a", resume=False).fit()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000004")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_0000002\n")
+    resumed = make_trainer(tmp_path / "b", resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    expected = load_file(tmp_path / "a" / "checkpoints" / "step_0000004" / name)
+    for key, value in load_file(tmp_path / "b" / "checkpoints" / "step_0000004" / name).items():
+        torch.testing.assert_close(value, expected[key])
+
+
+def test_resume_restores_ema_bf16_and_accumulation_state(tmp_path, tokenizer_bundle):
+    experiment = tiny_experiment("var.train.steps=4", "var.train.checkpoint_every=2", "var.train.ema_decay=0.5",
+                                 "var.train.mixed_precision=bf16", "var.train.grad_accum=2")
+    _interrupt_and_resume(lambda run, resume: TransformerTrainer(experiment, run, tokenizer=tokenizer_bundle,
+                                                                 resume=resume, progress=False), tmp_path,
+                          "var.safetensors")
+    # the bundle holds the EMA weights, the training state the trained ones
+    final = tmp_path / "a" / "checkpoints" / "step_0000004"
+    state = torch.load(final / "training_state.pt", weights_only=True)
+    assert not torch.equal(load_file(final / "var.safetensors")["head.weight"], state["trained_weights"]["head.weight"])
+    with pytest.raises(ValueError, match="--resume"):
+        TransformerTrainer(experiment, tmp_path / "a", tokenizer=tokenizer_bundle, progress=False)
+
+
+def test_tokenizer_resume_restores_gan_and_code_restart_state(tmp_path):
+    experiment = tiny_experiment("tokenizer.train.steps=4", "tokenizer.train.checkpoint_every=2",
+                                 "tokenizer.loss.gan_weight=0.1", "tokenizer.loss.restart_every=3")
+    _interrupt_and_resume(lambda run, resume: TokenizerTrainer(experiment, run, resume=resume, progress=False),
+                          tmp_path, "vqvae.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, gather_object, is_tensorboard_available
 from safetensors.torch import load_file
 from torch import nn
@@ -84,6 +85,10 @@ class Trainer:
         else:
             warnings.warn("tensorboard is not installed; training continues without logs (pip install tensorboard)",
                           stacklevel=2)
+        # accelerate keeps its settings in a process-wide singleton; a later stage in the same process (var demo,
+        # notebooks, tests) may use another precision, so each trainer starts from fresh settings (the
+        # distributed set-up, PartialState, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.grad_accum,
