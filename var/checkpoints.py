@@ -332,6 +332,12 @@ def _kind_of(model: nn.Module) -> str:
     raise ValueError(f"no registered checkpoint kind for {type(model).__name__}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file)."""
     path = Path(path)
@@ -342,6 +348,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

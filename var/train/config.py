@@ -172,12 +172,13 @@ class TransformerStage:
 
 @dataclass
 class DemoConfig:
-    """What ``var demo`` samples and how it judges the samples."""
+    """What ``var demo`` samples, how it judges the samples, and how many CPU threads it uses."""
 
     per_class: int = 50
     grid_per_class: int = 10
     seed: int = 0
     classifier_epochs: int = 15
+    threads: int = 1  # torch CPU threads (0 = torch's default); see var/train/demo.py
 
 
 @dataclass

@@ -33,7 +33,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         seed, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues device seeding
             return self.dataset[index]
 
 

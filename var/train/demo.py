@@ -38,6 +38,11 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _flag(value) -> str:
+    """A sampler setting (one value or one per scale) as command-line text."""
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
@@ -50,6 +55,11 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
     if not Path(config).is_file():
         raise FileNotFoundError(f"demo config {config} not found; pass --config configs/digits.yaml")
     experiment = load_experiment(config, overrides)
+    if experiment.demo.threads > 0:
+        # The demo's models are small: a second intra-op thread gains little on an idle machine and, whenever
+        # another process competes for the cores, makes every step wait for a descheduled thread (measured:
+        # tokenizer steps 10-30x slower on a busy 2-core machine).  One thread keeps the run time predictable.
+        torch.set_num_threads(experiment.demo.threads)
     if experiment.data.name != "digits":
         raise ValueError(f"var demo judges samples with a digit classifier; data.name must be digits, "
                          f"got {experiment.data.name}")
@@ -103,6 +113,7 @@ def print_report(report: dict, out: Path, experiment) -> None:
     settings = experiment.sample
     lines = [
         f"var demo: done in {_minutes(report['wall_seconds'])} wall, {_minutes(report['cpu_seconds'])} CPU "
+        f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}) "
         f"(tokenizer {_minutes(report['tokenizer_seconds'])}, VAR {_minutes(report['var_seconds'])}, "
         f"judge + sampling {_minutes(report['sample_seconds'])})",
         f"  tokenizer: recon L1 {tokenizer.get('recon', nan):.4f}, vq {tokenizer.get('vq', nan):.4f}, "
@@ -114,7 +125,8 @@ def print_report(report: dict, out: Path, experiment) -> None:
         f"  class-consistency: {report['class_consistency']:.1%} under a digit classifier "
         f"({report['judge_accuracy']:.1%} on held-out real digits)",
         f"  wrote {out / 'grid.png'} (one row per class) and {out / 'samples.npz'}",
-        f"  more samples: var sample --ckpt {out / 'var_run'} --per-class 8 --cfg {settings.cfg}",
+        f"  more samples: var sample --ckpt {out / 'var_run'} --per-class 8 --cfg {settings.cfg} "
+        f"--top-k {_flag(settings.top_k)} --top-p {_flag(settings.top_p)}",
     ]
     print("\n".join(lines))
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae, save_model
@@ -132,6 +134,8 @@ class TransformerTrainer(Trainer):
             raise ValueError(f"data.image_size={self.experiment.data.image_size} but the tokenizer encodes "
                              f"{self.tokenizer.config.image_size} px images; set data.image_size to match")
         self.num_classes = self.dataset.num_classes
+        if self.kind == "ar":
+            self.tokenizer = self.single_scale_view(self.tokenizer)
         if self.stage.cache_tokens and not getattr(self.dataset, "augmented", True):
             self.dataset = TokenizedDataset(self.dataset, self.encode, self.device)
         model = self.build_model()
@@ -165,10 +169,31 @@ class TransformerTrainer(Trainer):
             tokenizer = load_official_vqvae(source)
         else:
             tokenizer = load_model(resolve_bundle(source, "vqvae"), "vqvae")
-        if self.kind == "ar":
-            tokenizer = copy.deepcopy(tokenizer)
-            tokenizer.set_patch_nums((tokenizer.patch_nums[-1],))  # the whole latent as one raster token map
         return tokenizer.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def single_scale_view(self, tokenizer: VQVAE) -> VQVAE:
+        """The tokenizer quantising the whole latent as one raster token map (patch_nums=(side,)), for AR.
+
+        A multi-scale tokenizer's codes and decoder are trained for residual sums over scales, so read as one
+        scale it usually reconstructs much worse than a tokenizer trained with one scale; measure and warn.
+        """
+        single = copy.deepcopy(tokenizer)
+        single.set_patch_nums((tokenizer.patch_nums[-1],))
+        if len(tokenizer.patch_nums) > 1:
+            count = min(256, len(self.dataset))
+            images = torch.stack([self.dataset[i][0] for i in range(count)]).to(self.device)
+            multi_error, single_error = (F.l1_loss(model.decode(model.encode(images)), images).item()
+                                         for model in (tokenizer, single))
+            if single_error > 1.5 * multi_error:
+                warnings.warn(
+                    f"this {len(tokenizer.patch_nums)}-scale tokenizer reconstructs worse as one scale (L1 "
+                    f"{single_error:.3f} vs {multi_error:.3f} multi-scale); for a stronger AR baseline train a "
+                    "single-scale tokenizer: var train-tokenizer ... "
+                    f"tokenizer.model.patch_nums=[{single.patch_nums[0]}]",
+                    stacklevel=2,
+                )
+        return single
 
     def new_model_config(self, arch: TransformerConfig) -> VARConfig | ARConfig:
         shared = {key: getattr(arch, key) for key in _ARCH_KEYS}
