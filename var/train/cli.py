@@ -61,8 +61,8 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 
     args.overrides = stage_overrides(args.overrides, "tokenizer")
     run_dir, experiment = resolve_run(args, "tokenizer")
-    metrics = TokenizerTrainer(experiment, run_dir, resume=args.resume, progress=args.progress).fit()
-    print(f"tokenizer run {run_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    trainer = TokenizerTrainer(experiment, run_dir, resume=args.resume, progress=args.progress)
+    report(trainer, trainer.fit())
 
 
 def run_transformer(args: argparse.Namespace) -> None:
@@ -81,5 +81,10 @@ def run_transformer(args: argparse.Namespace) -> None:
         tokenizer = default if default.exists() else None
     trainer = TransformerTrainer(experiment, run_dir, tokenizer=tokenizer, model_kind=args.model,
                                  resume=args.resume, progress=args.progress)
-    metrics = trainer.fit()
-    print(f"{args.model} run {run_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    report(trainer, trainer.fit())
+
+
+def report(trainer, metrics: dict[str, float]) -> None:
+    """One closing line (main process only) with the last logged metrics."""
+    if trainer.is_main:
+        print(f"{trainer.name} run {trainer.run.root}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -190,7 +190,7 @@ class Trainer:
         self.accelerator.init_trackers(self.name, config=_flatten(to_dict(self.experiment)))
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     def say(self, message: str) -> None:
         if self.accelerator.is_main_process:
