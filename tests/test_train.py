@@ -16,6 +16,8 @@ from var.checkpoints import load_model, save_model
 from var.config import ConfigError, to_dict
 from var.models.var import VAR
 from var.pipeline import load_pair
+from var.sample.ar import ARSampler
+from var.sample.logits import SamplingSettings
 from var.tokenizers.vqvae import VQVAE
 from var.train.config import ExperimentConfig, OptimConfig, load_experiment
 from var.train.losses import distillation_kl, token_cross_entropy
@@ -203,12 +205,16 @@ def test_var_training_reduces_loss_and_writes_a_bundle(tmp_path, tokenizer_bundl
 
 
 def test_raster_ar_training_uses_single_scale_tokens(tmp_path, tokenizer_bundle):
-    trainer = TransformerTrainer(tiny_experiment(), tmp_path / "ar", tokenizer=tokenizer_bundle, model_kind="ar",
-                                 progress=False)
+    trainer = TransformerTrainer(tiny_experiment("var.train.sample_every=30"), tmp_path / "ar",
+                                 tokenizer=tokenizer_bundle, model_kind="ar", progress=False)
     assert trainer.tokenizer.patch_nums == (4,) and trainer.model_config.seq_len == 16
     first = trainer.fit()["loss"]
     bundle = tmp_path / "ar" / "checkpoints" / "step_0000030"
     assert load_model(bundle, "ar").config.side == 4 and load_model(bundle, "vqvae").patch_nums == (4,)
+    assert (tmp_path / "ar" / "samples" / "step_0000030.png").is_file()
+    vqvae, ar = load_pair(tmp_path / "ar", var_name="ar")  # what 'var sample --sampler ar' loads
+    samples = ARSampler(ar, vqvae, SamplingSettings(top_k=0, top_p=0.0)).sample([0, 1], seed=0)
+    assert samples.images.shape == (2, 3, 8, 8)
     resumed = TransformerTrainer(tiny_experiment("var.train.steps=60"), tmp_path / "ar", model_kind="ar",
                                  resume=True, progress=False)
     assert resumed.step == 30 and resumed.fit()["loss"] < first

@@ -31,6 +31,7 @@ from var.data.registry import build_dataset
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig
 from var.pipeline import resolve_bundle
+from var.sample.ar import ARSampler
 from var.sample.base import VARSampler
 from var.tokenizers.vqvae import VQVAE
 from var.train.config import ExperimentConfig, TransformerConfig, TransformerLossConfig
@@ -143,6 +144,8 @@ class TransformerTrainer(Trainer):
         self.token_weights = self.base_token_weights(model)
         peak = self.default_peak_lr()
         self.add_optimizer(self.kind, build_optimizer(model, self.config.optim, peak), peak)
+        if self.config.sample_every:
+            self.sampler(model)  # bad sampler settings fail now, not at the first sample grid
         self.prepare(model)
         self.say(f"{self.kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                  f"{self.model_config.seq_len} tokens per image, recipe {self.recipe.name}")
@@ -214,7 +217,7 @@ class TransformerTrainer(Trainer):
             config = self.new_model_config(arch)
             model = (RasterAR if self.kind == "ar" else VAR)(config)
             model.init_weights(init_adaln=arch.init_adaln, init_adaln_gamma=arch.init_adaln_gamma,
-                               init_head=arch.init_head, **({} if self.kind == "ar" else {"init_std": arch.init_std}))
+                               init_head=arch.init_head, init_std=arch.init_std)
         if model.num_classes != self.num_classes:
             raise ValueError(f"the model has {model.num_classes} classes but the dataset has {self.num_classes}")
         if self.kind == "var":
@@ -346,17 +349,20 @@ class TransformerTrainer(Trainer):
     def load_models(self, directory: Path, state: dict) -> None:
         self.load_trained(directory, state, self.kind)
 
+    def sampler(self, model: VAR | RasterAR) -> VARSampler | ARSampler:
+        """Plain sampling with the config's ``sample`` settings (scale loop for VAR, raster loop for AR)."""
+        sampler_class = ARSampler if self.kind == "ar" else VARSampler
+        return sampler_class(model, self.tokenizer, self.experiment.sample)
+
     @torch.no_grad()
     def write_samples(self) -> None:
-        """A grid of class-conditional samples, one row per class (VAR only; AR sampling lives with SJD)."""
-        if self.kind != "var":
-            return
+        """A grid of class-conditional samples, one row per class."""
         model = self.inference_model()
         was_training = model.training
         model.eval()
         classes = torch.linspace(0, self.num_classes - 1, min(GRID_CLASSES, self.num_classes)).round().long()
         labels = classes.repeat_interleave(GRID_PER_CLASS).to(self.device)
-        images = VARSampler(model, self.tokenizer, self.experiment.sample).sample(labels, seed=0).images
+        images = self.sampler(model).sample(labels, seed=0).images
         model.train(was_training)
         save_image(make_grid(images.cpu(), nrow=GRID_PER_CLASS, padding=1, pad_value=1.0),
                    self.run.samples / f"step_{self.step:07d}.png")
