@@ -1,32 +1,57 @@
 import json
 
-from var.bench import anchor_ratios
+from var.bench import anchor_ratios, base_ratios
 from var.cli import main
 
 
 def test_bench_tiny_cpu_writes_report_and_plot(tmp_path):
-    main(["bench", "--device", "cpu", "--tiny", "--runs", "1", "--batch-sizes", "1", "2", "--out", str(tmp_path)])
+    main(["bench", "--device", "cpu", "--tiny", "--runs", "1", "--batch-sizes", "1", "2",
+          "--samplers", "var", "scalekv", "ar", "sjd", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["settings"]["vae_decode_included"] is True
     rows = report["results"]
-    assert [r["B"] for r in rows] == [1, 2]
+    assert [(r["sampler"], r["B"]) for r in rows] == [
+        ("var", 1), ("var", 2), ("scalekv", 1), ("scalekv", 2), ("ar", 1), ("ar", 2), ("sjd", 1), ("sjd", 2)]
     assert all(r["img_per_s"] > 0 and r["sec"] <= r["median_sec"] for r in rows)
     assert rows[1]["kv_bytes"] == 2 * rows[0]["kv_bytes"]  # the cache grows linearly with the batch
+    assert rows[4]["passes"] == 16 and rows[6]["passes"] < 16  # tiny AR: a 4x4 token map, one token per pass
+    ratios = {(r["sampler"], r["B"]): r for r in report["vs_base"]}
+    assert set(ratios) == {("scalekv", 1), ("scalekv", 2), ("sjd", 1), ("sjd", 2)}  # each against its own base
+    assert ratios[("scalekv", 1)]["kv_ratio"] < 1
+    assert ratios[("sjd", 2)]["kv_ratio"] == rows[7]["kv_bytes"] / rows[5]["kv_bytes"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_base_ratios_report_what_only_the_add_on_fits():
+    rows = [
+        {"sampler": "var", "depth": 30, "B": 64, "img_per_s": 100.0, "peak_GB": 40.0, "kv_bytes": 1000},
+        {"sampler": "var", "depth": 30, "B": 512, "error": "out of memory"},
+        {"sampler": "code", "depth": 30, "B": 64, "img_per_s": 180.0, "peak_GB": 20.0, "kv_bytes": 400},
+        {"sampler": "scalekv", "depth": 30, "B": 512, "img_per_s": 90.0, "peak_GB": 70.0, "kv_bytes": 800},
+    ]
+    code, scalekv = base_ratios(rows)
+    assert (code["speedup"], code["memory_ratio"], code["kv_ratio"]) == (1.8, 0.5, 0.4)
+    assert scalekv["base_error"] == "out of memory" and "error" not in scalekv and "speedup" not in scalekv
 
 
 def test_anchor_ratios_compare_like_with_like():
     anchors = {"results": [
-        {"impl": "official-VAR", "depth": 16, "B": 64, "img_per_s": 125.9, "peak_GB": 11.99},
+        {"impl": "official-VAR", "depth": 16, "B": 64, "sec": 0.5085, "img_per_s": 125.9, "peak_GB": 11.99},
         {"impl": "official-VAR", "depth": 24, "B": 256, "error": "CUDA out of memory (80 GB card)"},
-        {"impl": "official-CoDe", "drafter": 30, "refiner": 16, "B": 64, "img_per_s": 72.6},
+        {"impl": "official-CoDe", "drafter": 30, "refiner": 16, "draft_steps": 8, "B": 64, "sec": 0.8811,
+         "img_per_s": 72.6, "peak_GB": 20.55},
     ]}
     rows = [
-        {"sampler": "var", "depth": 16, "B": 64, "img_per_s": 251.8, "peak_GB": 6.0},
-        {"sampler": "var", "depth": 24, "B": 256, "img_per_s": 80.0, "peak_GB": 70.0},
-        {"sampler": "code", "depth": 16, "B": 64, "img_per_s": 300.0},
+        {"sampler": "var", "depth": 16, "B": 64, "sec": 0.2542, "img_per_s": 251.8, "peak_GB": 6.0},
+        {"sampler": "var", "depth": 24, "B": 256, "sec": 3.2, "img_per_s": 80.0, "peak_GB": 70.0},
+        {"sampler": "code", "depth": 30, "refiner_depth": 16, "draft_steps": 8, "B": 64, "sec": 0.4,
+         "img_per_s": 160.0, "peak_GB": 10.3},
+        {"sampler": "code", "depth": 30, "refiner_depth": 16, "draft_steps": 6, "B": 64, "sec": 0.4,
+         "img_per_s": 160.0},  # no official run with 6 draft steps at this batch in the anchors above
+        {"sampler": "scalekv", "depth": 16, "kv_budget": 0.1, "B": 64, "sec": 0.3, "img_per_s": 213.3},
     ]
     ratios = anchor_ratios(rows, anchors)
+    assert len(ratios) == 3
     assert ratios[0]["speedup"] == 2.0 and ratios[0]["memory_ratio"] == 0.5
     assert ratios[1]["official"].startswith("CUDA out of memory")
-    assert len(ratios) == 2
+    assert ratios[2]["sampler"] == "code" and ratios[2]["speedup"] == 2.204 and ratios[2]["memory_ratio"] == 0.501

@@ -5,7 +5,9 @@ sizes for a CPU smoke run).  Every configuration is warmed up, then timed ``--ru
 the min (what the official anchors report) and the median.  On CUDA, time is measured with CUDA events and
 memory with ``max_memory_allocated``; VAE decode is included unless ``--no-decode``.  Results go to
 ``bench.json`` and ``bench.png`` (throughput and peak memory against batch size, one line per sampler and
-depth), and rows that match an official anchor (benchmarks/official_h100.json) get speed and memory ratios.
+depth).  Two kinds of ratios are reported: every add-on sampler against the base sampler of the same depth
+and batch measured in the same run (``vs_base``: speed, peak memory, KV bytes), and base/CoDe rows against
+the official rows of the same configuration (``vs_official_h100``, from benchmarks/official_h100.json).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from var.models.var import VAR, build_var
+from var.models.ar import ARConfig, RasterAR
+from var.models.var import VARConfig, build_var
 from var.sample.logits import SamplingSettings
-from var.sample.registry import SAMPLER_NAMES, build_sampler
+from var.sample.registry import AR_SAMPLERS, SAMPLER_NAMES, build_sampler
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import autocast, compile_for_sampling, resolve_device
 
 ANCHORS = Path(__file__).resolve().parents[1] / "benchmarks" / "official_h100.json"
 TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4))
+BASE_SAMPLERS = ("var", "ar")  # plain decoding, what the add-on samplers are compared with
 TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
 
 
@@ -50,15 +55,22 @@ def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs
     return times
 
 
-def build_models(depth: int, tiny: bool, device: torch.device) -> tuple[VAR, VQVAE]:
-    """Random-weight VAR of ``depth`` and a VQ-VAE (official sizes, or tiny ones), built on ``device``."""
+def build_models(depth: int, tiny: bool, device: torch.device, raster: bool = False) -> tuple[nn.Module, VQVAE]:
+    """Random-weight transformer of ``depth`` and a VQ-VAE (official sizes, or tiny ones), built on ``device``.
+
+    ``raster`` builds the raster AR baseline instead of VAR: same depth rule (d16: ~300M parameters) over
+    the finest token map, with a single-scale tokenizer of the same size to decode it.
+    """
+    var_sizes, vqvae_sizes = (dict(TINY_VAR), dict(TINY_VQVAE)) if tiny else ({}, {})
     with torch.device(device):
-        if tiny:
-            model = build_var(depth, **TINY_VAR)
-            vqvae = VQVAE(VQVAEConfig(**TINY_VQVAE))
+        if raster:
+            patch_nums = var_sizes.pop("patch_nums", VARConfig().patch_nums)
+            var_sizes.pop("z_channels", None)
+            model = RasterAR(ARConfig(depth=depth, side=patch_nums[-1], **var_sizes))
+            vqvae = VQVAE(VQVAEConfig(**{**vqvae_sizes, "patch_nums": (patch_nums[-1],)}))
         else:
-            model = build_var(depth)
-            vqvae = VQVAE()
+            model = build_var(depth, **var_sizes)
+            vqvae = VQVAE(VQVAEConfig(**vqvae_sizes))
     return model.eval().requires_grad_(False), vqvae.eval().requires_grad_(False)
 
 
@@ -101,29 +113,76 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
     return row
 
 
-def sampler_options(name: str, args: argparse.Namespace, depth: int, device: torch.device) -> dict:
-    """Extra constructor arguments of the add-on samplers for a benchmark run."""
-    options = {}
+def sampler_settings(name: str, args: argparse.Namespace) -> dict:
+    """The add-on settings of sampler ``name`` in this run (recorded in its result rows)."""
+    settings = {}
     if name.startswith("code"):
-        options.update(refiner=build_models(args.refiner_depth, args.tiny, device)[0], draft_steps=args.draft_steps)
+        settings.update(refiner_depth=args.refiner_depth, draft_steps=args.draft_steps)
     if name.endswith("scalekv"):
-        options["kv_budget"] = args.kv_budget
+        settings["kv_budget"] = args.kv_budget
+    return settings
+
+
+def sampler_options(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Constructor arguments of the add-on samplers: their settings, with a random-weight refiner for CoDe."""
+    options = sampler_settings(name, args)
+    if "refiner_depth" in options:
+        options["refiner"] = build_models(options.pop("refiner_depth"), args.tiny, device)[0]
     return options
 
 
-def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
-    """Speed and memory of our rows relative to the official rows of the same depth and batch."""
-    official = {(a["depth"], a["B"]): a for a in anchors["results"] if a.get("impl") == "official-VAR"}
+def _ratio(ours, theirs) -> float | None:
+    return round(ours / theirs, 3) if ours is not None and theirs else None
+
+
+def base_ratios(rows: list[dict]) -> list[dict]:
+    """Every add-on sampler row against the plain sampler of its model ('var', or 'ar' for 'sjd') at the same
+    depth and batch in the same run."""
+    base = {(r["sampler"], r["depth"], r["B"]): r for r in rows if r["sampler"] in BASE_SAMPLERS}
     comparisons = []
     for row in rows:
-        ref = official.get((row["depth"], row["B"]))
-        if row["sampler"] != "var" or ref is None or "img_per_s" not in row:
+        family_base = "ar" if row["sampler"] in AR_SAMPLERS else "var"
+        ref = base.get((family_base, row["depth"], row["B"]))
+        if row["sampler"] in BASE_SAMPLERS or ref is None:
             continue
-        entry = {"depth": row["depth"], "B": row["B"], "ours_img_per_s": row["img_per_s"]}
+        entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"]}
+        if "error" in row or "error" in ref:  # e.g. the full cache does not fit where the compressed one does
+            entry.update(error=row.get("error"), base_error=ref.get("error"))
+        else:
+            entry.update(speedup=_ratio(row["img_per_s"], ref["img_per_s"]),
+                         memory_ratio=_ratio(row.get("peak_GB"), ref.get("peak_GB")),
+                         kv_ratio=_ratio(row.get("kv_bytes"), ref.get("kv_bytes")))
+        comparisons.append({k: v for k, v in entry.items() if v is not None})
+    return comparisons
+
+
+def _official_key(entry: dict) -> tuple | None:
+    """What makes an official anchor row and one of ours the same configuration."""
+    if entry.get("impl") == "official-VAR" or entry.get("sampler") == "var":
+        return ("var", entry["depth"], entry["B"])
+    if entry.get("impl") == "official-CoDe":
+        return ("code", entry["drafter"], entry["refiner"], entry["draft_steps"], entry["B"])
+    if entry.get("sampler") == "code":
+        return ("code", entry["depth"], entry["refiner_depth"], entry["draft_steps"], entry["B"])
+    return None
+
+
+def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
+    """Speed and memory of our base and CoDe rows relative to the official rows of the same configuration."""
+    official = {_official_key(a): a for a in anchors["results"]}
+    comparisons = []
+    for row in rows:
+        ref = official.get(_official_key(row))
+        if ref is None or "img_per_s" not in row:
+            continue
+        entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"], "ours_img_per_s": row["img_per_s"]}
+        if "draft_steps" in row:
+            entry.update(refiner_depth=row["refiner_depth"], draft_steps=row["draft_steps"])
         if "img_per_s" in ref:
-            entry.update(official_img_per_s=ref["img_per_s"], speedup=round(row["img_per_s"] / ref["img_per_s"], 2))
+            entry.update(official_img_per_s=ref["img_per_s"], speedup=_ratio(row["img_per_s"], ref["img_per_s"]),
+                         ours_latency_s=row["sec"], official_latency_s=ref["sec"])
         if "peak_GB" in row and "peak_GB" in ref:
-            entry["memory_ratio"] = round(row["peak_GB"] / ref["peak_GB"], 2)
+            entry["memory_ratio"] = _ratio(row["peak_GB"], ref["peak_GB"])
         if "error" in ref:
             entry["official"] = ref["error"]
         comparisons.append(entry)
@@ -160,6 +219,28 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def bench_depth(depth: int, raster: bool, names: list[str], args: argparse.Namespace,
+                settings: SamplingSettings, device: torch.device, dtype: str) -> list[dict]:
+    """Rows of every sampler in ``names`` (all for one model family) and batch size at one depth."""
+    model, vqvae = build_models(depth, args.tiny, device, raster)
+    if args.compile:
+        compile_for_sampling(model, vqvae, args.compile)
+    rows = []
+    for name in names:
+        sampler = build_sampler(name, model, vqvae, settings, **sampler_options(name, args, device))
+        for batch_size in args.batch_sizes:
+            row = bench_sampler(sampler, batch_size, model.num_classes, device, dtype,
+                                args.warmup, args.runs, not args.no_decode)
+            row = {"sampler": name, "depth": depth, **sampler_settings(name, args), **row}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del sampler  # a CoDe sampler holds its refiner
+    del model, vqvae  # the next model's peak memory must not include this one's weights
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -169,18 +250,10 @@ def run(args: argparse.Namespace) -> dict:
     settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     rows = []
     for depth in args.depths:
-        model, vqvae = build_models(depth, args.tiny, device)
-        if args.compile:
-            compile_for_sampling(model, vqvae, args.compile)
-        for name in args.samplers:
-            sampler = build_sampler(name, model, vqvae, settings, **sampler_options(name, args, depth, device))
-            for batch_size in args.batch_sizes:
-                row = bench_sampler(sampler, batch_size, model.num_classes, device, dtype,
-                                    args.warmup, args.runs, not args.no_decode)
-                row = {"sampler": name, "depth": depth, **row}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        del model, vqvae
+        for raster in (False, True):
+            names = [name for name in args.samplers if (name in AR_SAMPLERS) == raster]
+            if names:
+                rows += bench_depth(depth, raster, names, args, settings, device, dtype)
     report = {
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -191,6 +264,7 @@ def run(args: argparse.Namespace) -> dict:
             "time": "min of runs (median also given)",
         },
         "results": rows,
+        "vs_base": base_ratios(rows),
     }
     if ANCHORS.is_file() and not args.tiny:
         report["vs_official_h100"] = anchor_ratios(rows, json.loads(ANCHORS.read_text()))
@@ -209,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", help="default: 16 20 24 30 (tiny: 2)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 16 64 256 (tiny: 1 4)")
     parser.add_argument("--samplers", nargs="+", default=["var"], choices=SAMPLER_NAMES,
-                        help="add-on samplers use random-weight drafter/refiner models of the sizes below")
+                        help="'code' adds a random refiner of --refiner-depth; 'ar'/'sjd' run a raster AR "
+                        "baseline of the same depth (d16: ~300M parameters)")
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)

@@ -14,7 +14,7 @@ import torch
 
 from var.models.ar import RasterAR
 from var.models.kv_cache import KVCache
-from var.sample.base import SampleOutput, resolve_labels
+from var.sample.base import SampleOutput, decode_images, kv_stats, resolve_labels
 from var.sample.logits import SamplingSettings, draw, guide, target_logits
 from var.tokenizers.vqvae import VQVAE
 
@@ -74,12 +74,15 @@ class ARSampler:
         """The distribution (B, n, V) plain sampling draws from: guided, filtered, tempered, normalised."""
         return target_logits(guide(logits, self.settings.cfg), self.settings, 0).softmax(dim=-1)
 
-    def finish(self, tokens: torch.Tensor, **stats) -> SampleOutput:
-        """Decode the token maps (B, side*side) through the tokenizer's one-scale schedule."""
+    def finish(self, tokens: torch.Tensor, decode: bool = True, **stats) -> SampleOutput:
+        """Decode the token maps (B, side*side) through the tokenizer's one-scale schedule
+        (``decode=False``: images None, for token-only timing)."""
         side = self.model.config.side
         f_hat = self.vqvae.quantize.indices_to_fhat([tokens], patch_nums=(side,))
-        images = self.vqvae.fhat_to_image(f_hat).add(1).mul(0.5)
-        return SampleOutput(images.float(), [tokens], f_hat, stats)
+        images = decode_images(self.vqvae, f_hat) if decode else None
+        if f_hat.device.type == "cuda":
+            stats["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(f_hat.device)
+        return SampleOutput(images, [tokens], f_hat, stats)
 
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -89,6 +92,7 @@ class ARSampler:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
+        decode: bool = True,
     ) -> SampleOutput:
         """Sample one image per label (-1 = unconditional; None = random labels)."""
         labels, generator, cond = self.begin(labels, seed, generator, batch_size)
@@ -99,4 +103,7 @@ class ARSampler:
             fed = tokens[:, position - 1: position].repeat(2, 1) if position else None  # same for both halves
             hidden = model.forward_hidden(model.input_tokens(cond, fed, position), cond, cache=cache)
             tokens[:, position] = draw(self.target_probs(model.logits(hidden, cond))[:, 0], generator)
-        return self.finish(tokens, passes=self.seq_len, passes_per_image=float(self.seq_len), tokens_per_pass=1.0)
+        return self.finish(
+            tokens, decode, passes=self.seq_len, passes_per_image=float(self.seq_len), tokens_per_pass=1.0,
+            **kv_stats(cache),
+        )

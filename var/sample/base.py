@@ -50,6 +50,12 @@ class SampleOutput:
     guided_logits: list[torch.Tensor] | None = None
 
 
+def decode_images(vqvae: VQVAE, f_hat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) from f_hat, ``chunk`` at a time: at large batch the VAE's
+    full-resolution activations, not the transformer, would otherwise set the peak memory."""
+    return torch.cat([vqvae.fhat_to_image(part).add(1).mul(0.5).float() for part in f_hat.split(chunk)])
+
+
 @dataclass
 class DecodeState:
     """Everything decided so far for one batch of images."""
@@ -311,13 +317,9 @@ class VARSampler:
         """Decode f_hat to images in [0, 1]; stats gain the pass count and, on CUDA, the peak memory.
 
         ``decode=False`` leaves ``images`` None (token-only timing).  The VAE runs in chunks of
-        ``decode_chunk`` images: at large batch its full-resolution activations, not the transformer, would
-        otherwise set the peak memory.
+        ``decode_chunk`` images (see :func:`decode_images`).
         """
-        images = None
-        if decode:
-            chunks = state.f_hat.split(self.decode_chunk)
-            images = torch.cat([self.vqvae.fhat_to_image(chunk).add(1).mul(0.5).float() for chunk in chunks])
+        images = decode_images(self.vqvae, state.f_hat, self.decode_chunk) if decode else None
         stats.setdefault("passes", state.passes)
         if state.f_hat.device.type == "cuda":
             stats["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(state.f_hat.device)

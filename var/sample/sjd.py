@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from var.models.ar import RasterAR
 from var.models.kv_cache import RaggedKVCache
 from var.sample.ar import ARSampler
-from var.sample.base import SampleOutput
+from var.sample.base import SampleOutput, kv_stats
 from var.sample.logits import SamplingSettings, draw
 from var.sample.speculative import verify_drafts
 from var.tokenizers.vqvae import VQVAE
@@ -111,6 +111,7 @@ class SJDSampler(ARSampler):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
+        decode: bool = True,
     ) -> SampleOutput:
         """Sample one image per label; stats report forward passes and accepted tokens per pass."""
         labels, generator, cond = self.begin(labels, seed, generator, batch_size)
@@ -155,6 +156,6 @@ class SJDSampler(ARSampler):
             passes += 1
         passes_per_image = row_passes.mean().item()
         return self.finish(
-            tokens[:, :seq_len], passes=passes, passes_per_image=passes_per_image,
-            tokens_per_pass=seq_len / passes_per_image,
+            tokens[:, :seq_len], decode, passes=passes, passes_per_image=passes_per_image,
+            tokens_per_pass=seq_len / passes_per_image, **kv_stats(cache),
         )
