@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -53,3 +54,20 @@ def compile_for_sampling(model: torch.nn.Module, vqvae: torch.nn.Module | None =
     model.forward_hidden = torch.compile(model.forward_hidden, mode=mode, dynamic=False)
     if vqvae is not None:
         vqvae.decoder = torch.compile(vqvae.decoder, mode=mode, dynamic=False)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding: int = 2,
+              min_side: int = 64) -> None:
+    """Write images (N, 3, H, W; float in [0, 1] or uint8) as one PNG grid, ``nrow`` per row.
+
+    Images smaller than ``min_side`` (16 px digits) are enlarged by an integer nearest-neighbour factor so
+    the grid can be looked at; the pixels themselves are unchanged (sample ``.npz`` files keep the true size).
+    """
+    from torchvision.utils import make_grid, save_image
+
+    images = images.detach().cpu()
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    factor = -(-min_side // images.shape[-1])  # ceil
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    save_image(make_grid(images, nrow=nrow, padding=padding, pad_value=1.0), path)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from var.pipeline import load_pair, load_var
@@ -18,7 +17,7 @@ from var.sample.registry import SAMPLER_NAMES, build_sampler, model_name_for, sa
 from var.sample.scalekv import SCORINGS
 from var.sample.sjd import DRAFT_INITS
 from var.sample.sjd_scale import DRAFT_SOURCES
-from var.utils import autocast, compile_for_sampling, resolve_device, to_uint8
+from var.utils import autocast, compile_for_sampling, resolve_device, save_grid, to_uint8
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{args.sampler}: {mean_passes:.2f} forward passes per image")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(images.float() / 255, nrow=nrow, padding=2, pad_value=1.0), out)
+    save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
         np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 
 from var.data.digits import DigitsDataset
 from var.eval.classifier import class_consistency, train_digit_classifier
@@ -25,6 +24,7 @@ from var.sample.cli import sample_in_batches
 from var.train.config import load_experiment
 from var.train.tokenizer import TokenizerTrainer
 from var.train.transformer import TransformerTrainer
+from var.utils import save_grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 
@@ -87,8 +87,7 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
 
     out.mkdir(parents=True, exist_ok=True)
     per_class = images.view(model.num_classes, demo.per_class, *images.shape[1:])[:, : demo.grid_per_class]
-    save_image(make_grid(per_class.flatten(0, 1).float() / 255, nrow=demo.grid_per_class, padding=1,
-                         pad_value=1.0), out / "grid.png")
+    save_grid(per_class.flatten(0, 1), out / "grid.png", nrow=demo.grid_per_class)
     np.savez(out / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
     report = {
         "wall_seconds": time.perf_counter() - wall_start,

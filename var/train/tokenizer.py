@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast, reduce
 from torch.func import functional_call
-from torchvision.utils import make_grid, save_image
 
 from var.checkpoints import save_model
 from var.data.registry import build_dataset
@@ -29,6 +28,7 @@ from var.train.config import ExperimentConfig
 from var.train.loop import Trainer
 from var.train.optim import build_optimizer
 from var.train.perceptual import PatchDiscriminator, hinge_discriminator_loss, load_perceptual_loss
+from var.utils import save_grid
 
 RESTART_STOP_FRACTION = 0.8
 PREVIEW_IMAGES = 8
@@ -204,5 +204,5 @@ class TokenizerTrainer(Trainer):
         images = self.preview.to(self.device)
         recon = model.decode(model.encode(images))
         model.train(was_training)
-        grid = make_grid(torch.cat((images, recon)).add(1).mul(0.5).clamp(0, 1).cpu(), nrow=len(images))
-        save_image(grid, self.run.samples / f"step_{self.step:07d}.png")
+        save_grid(torch.cat((images, recon)).add(1).mul(0.5), self.run.samples / f"step_{self.step:07d}.png",
+                  nrow=len(images))

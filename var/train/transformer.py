@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae, save_model
 from var.data.registry import build_dataset
@@ -39,6 +38,7 @@ from var.train.data import TokenizedDataset
 from var.train.loop import Trainer
 from var.train.losses import distillation_kl, scale_token_weights, token_cross_entropy, weighted_mean
 from var.train.optim import build_optimizer, warmup_steps
+from var.utils import save_grid
 
 RECIPES = ("standard", "code-drafter", "code-refiner")
 MODEL_KINDS = ("var", "ar")
@@ -364,5 +364,4 @@ class TransformerTrainer(Trainer):
         labels = classes.repeat_interleave(GRID_PER_CLASS).to(self.device)
         images = self.sampler(model).sample(labels, seed=0).images
         model.train(was_training)
-        save_image(make_grid(images.cpu(), nrow=GRID_PER_CLASS, padding=1, pad_value=1.0),
-                   self.run.samples / f"step_{self.step:07d}.png")
+        save_grid(images, self.run.samples / f"step_{self.step:07d}.png", nrow=GRID_PER_CLASS)
