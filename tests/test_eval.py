@@ -238,6 +238,36 @@ def test_reference_cache_is_keyed_by_weights(tmp_path, digit_classifier_path):
     assert metas[0]["cache_path"] == metas[1]["cache_path"] != metas[2]["cache_path"]
 
 
+def test_training_config_as_reference(tmp_path):
+    samples = digit_images("test", noise=0.2)
+    by_name = Evaluator(TOY, "digits-test", ["fid"], progress=False).evaluate(samples)
+    by_config = Evaluator(TOY, f"{REPO}/configs/digits.yaml:val", ["fid"], progress=False).evaluate(samples)
+    assert by_config["fid"] == pytest.approx(by_name["fid"], abs=1e-9)  # digits' val split is the held-out part
+
+    root = tmp_path / "data"
+    save_pngs(root / "train" / "cat", Samples(random_images(4, 0, side=20)))
+    save_pngs(root / "train" / "dog", Samples(random_images(4, 1, side=20)))
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data:\n  name: imagefolder\n  root: {root}\n  image_size: 16\n  hflip: true\n")
+    source = ReferenceSource.parse(str(config))
+    assert source.kind == "config" and len(source.images(16, None)) == 8
+    first = torch.stack([source.images(16, None)[i] for i in range(8)])
+    assert torch.equal(first, torch.stack([source.images(16, None)[i] for i in range(8)]))  # no random crop/flip
+    fingerprint = source.fingerprint(16, None)
+    save_pngs(root / "train" / "dog" / "more", Samples(random_images(1, 2, side=20)))
+    assert source.fingerprint(16, None) != fingerprint  # new images, new cache key
+
+    for spec, message in [
+        (f"{config}:test", "unknown split 'test'"),
+        (f"{config}:val", "is not a folder"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            ReferenceSource.parse(spec)
+    config.write_text("data:\n  nmae: digits\n")
+    with pytest.raises(ValueError, match="name"):
+        ReferenceSource.parse(str(config))
+
+
 def test_bad_inputs_fail_with_clear_errors(tmp_path, tiny_bundle):
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
@@ -260,7 +290,7 @@ def test_bad_inputs_fail_with_clear_errors(tmp_path, tiny_bundle):
         (["--ckpt", str(tiny_bundle), "--extractor", "nope"], "unknown feature extractor 'nope'"),
         (["--ckpt", str(tiny_bundle), "--extractor", TOY, "--sweep", "cfgg=1,2"], "--sweep expects"),
         (["--ckpt", str(tiny_bundle), "--extractor", TOY, "--metrics", "fid"], "need a reference"),
-        (["--ckpt", str(tiny_bundle), "--extractor", TOY, "--ref", "nowhere"], "not a file, a folder or a dataset"),
+        (["--ckpt", str(tiny_bundle), "--extractor", TOY, "--ref", "nowhere"], "not a file, a folder, a config"),
     ]:
         with pytest.raises(SystemExit, match=message):
             main(["eval", *argv])

@@ -46,7 +46,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--per-class", type=int, default=50, help="samples per class when sampling a model")
     group = parser.add_argument_group("metrics")
     group.add_argument("--ref", help="reference: stats .npz (mu/sigma, OpenAI VIRTUAL_*.npz as is), images .npz, "
-                                     "image folder, or dataset name (digits, digits-test, shapes)")
+                                     "image folder, dataset name (digits, digits-test, shapes) or training config "
+                                     "(CONFIG.yaml[:train|:val], its data section)")
     group.add_argument("--ref-resize", type=int, help="centre-crop and resize a reference folder to this side")
     group.add_argument("--extractor", default=INCEPTION, help="feature extractor (default %(default)s; "
                                                               "digits-classifier for offline digit metrics)")

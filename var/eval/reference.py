@@ -6,7 +6,9 @@ A reference is one of
   images, when present, give KID and precision/recall);
 * an images ``.npz`` in the samples format (``arr_0`` uint8 NHWC);
 * a folder of real images;
-* an embedded dataset by name (``digits``, ``digits-test``, ``shapes``, ...), rendered at the samples' size.
+* an embedded dataset by name (``digits``, ``digits-test``, ``shapes``, ...), rendered at the samples' size;
+* a training config (``configs/*.yaml``, optionally ``:train``/``:val``, default train): the images of its
+  ``data:`` section, at the samples' size, with the deterministic (centre-crop, no flip) transform.
 
 Features of reference images are cached in :func:`~var.eval.fidelity.eval_cache_dir` under a key made of the
 source's content fingerprint, the extractor name, its weights' sha256, the layer and the image size, so a
@@ -27,7 +29,10 @@ import torch
 from torch.utils.data import Dataset
 
 from var.checkpoints import atomic_write
+from var.config import ConfigError
 from var.data import DigitsDataset, ShapesDataset
+from var.data.imagefolder import ImageFolderDataset, official_transform
+from var.data.registry import SPLITS, DataConfig, build_dataset
 from var.eval.fidelity import FeatureExtractor, eval_cache_dir, sha256_of
 from var.eval.images import ImageFolder, load_npz_samples
 from var.eval.metrics import FeatureStats
@@ -66,12 +71,49 @@ class Reference:
     meta: dict = field(default_factory=dict)
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def _config_data(spec: str) -> tuple[DataConfig, str]:
+    """The ``data:`` section and split of a ``CONFIG.yaml[:split]`` reference (the whole config is validated)."""
+    from var.train.config import load_experiment  # the experiment schema lives with training
+
+    path, _, split = spec.rpartition(":") if not spec.endswith(CONFIG_SUFFIXES) else (spec, "", "")
+    split = split or "train"
+    if split not in SPLITS:
+        raise ValueError(f"reference {spec}: unknown split '{split}'; use {path}:{' or :'.join(SPLITS)}")
+    try:
+        data = load_experiment(path).data
+    except ConfigError as error:
+        raise ValueError(f"reference {spec}: {error}") from None
+    if data.name == "imagefolder":
+        folder = Path(data.root or "") / split
+        if not data.root or not folder.is_dir():
+            raise FileNotFoundError(
+                f"reference {spec}: data.root/{split} ({folder}) is not a folder; set data.root in the config"
+            )
+    return data, split
+
+
+def _is_config(spec: str) -> bool:
+    return spec.endswith(CONFIG_SUFFIXES) or spec.rpartition(":")[0].endswith(CONFIG_SUFFIXES)
+
+
+def _folder_listing(root: str | os.PathLike, paths) -> str:
+    """A hash of file names, sizes and modification times: changes whenever the folder's images do."""
+    listing = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        listing.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return listing.hexdigest()
+
+
 @dataclass
 class ReferenceSource:
     """What ``--ref`` names, validated (exists, right format) without reading any pixels."""
 
     spec: str
-    kind: str  # "stats" | "images" | "folder" | "dataset"
+    kind: str  # "stats" | "images" | "folder" | "dataset" | "config"
     has_images: bool
 
     @classmethod
@@ -79,6 +121,9 @@ class ReferenceSource:
         path = Path(spec)
         if spec in DATASETS:
             return cls(spec, "dataset", True)
+        if _is_config(spec):
+            _config_data(spec)
+            return cls(spec, "config", True)
         if path.is_dir():
             return cls(spec, "folder", True)
         if path.suffix == ".npz":
@@ -93,26 +138,40 @@ class ReferenceSource:
             raise ValueError(f"reference {path} has neither mu/sigma statistics nor an arr_0 image array")
         if not path.exists():
             raise FileNotFoundError(
-                f"reference '{spec}' is not a file, a folder or a dataset name ({', '.join(DATASETS)})"
+                f"reference '{spec}' is not a file, a folder, a config (.yaml) or a dataset name "
+                f"({', '.join(DATASETS)})"
             )
-        raise ValueError(f"reference {spec}: expected a .npz (mu/sigma or arr_0), a folder of images or a dataset name")
+        raise ValueError(
+            f"reference {spec}: expected a .npz (mu/sigma or arr_0), a folder of images, a config (.yaml) "
+            "or a dataset name"
+        )
 
     def fingerprint(self, image_size: int | None, resize: int | None) -> str:
-        """Identity of the reference pixels: file content hash, folder listing, or dataset name and size."""
+        """Identity of the reference pixels: file content hash, folder listing, or dataset settings and size."""
         if self.kind == "dataset":
             return f"{self.spec}@{image_size}"
+        if self.kind == "config":
+            data, split = _config_data(self.spec)
+            settings = {**vars(data), "num_workers": None, "hflip": None, "image_size": image_size, "split": split}
+            if data.name == "imagefolder":
+                settings["root"] = _folder_listing(data.root, (p for p, _ in self._config_dataset(image_size).samples))
+            return "config:" + json.dumps(settings, sort_keys=True)
         if self.kind == "folder":
-            listing = hashlib.sha256()
-            for path in ImageFolder(self.spec).paths:
-                stat = path.stat()
-                listing.update(f"{path.relative_to(self.spec)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-            return f"folder:{listing.hexdigest()}@{resize}"
+            return f"folder:{_folder_listing(self.spec, ImageFolder(self.spec).paths)}@{resize}"
         return f"npz:{sha256_of(self.spec)}"
 
+    def _config_dataset(self, image_size: int) -> Dataset:
+        data, split = _config_data(self.spec)
+        if data.name == "imagefolder":  # centre crops, no flips, on either split: reference pixels must not vary
+            return ImageFolderDataset(data.root, split, transform=official_transform(image_size, train=False))
+        return build_dataset(DataConfig(**{**vars(data), "image_size": image_size}), split)
+
     def images(self, image_size: int | None, resize: int | None) -> torch.Tensor | Dataset:
-        if self.kind == "dataset":
+        if self.kind in ("dataset", "config"):
             if image_size is None:
                 raise ValueError(f"reference dataset '{self.spec}' needs the samples' image size")
+            if self.kind == "config":
+                return Uint8Images(self._config_dataset(image_size))
             return Uint8Images(DATASETS[self.spec](image_size))
         if self.kind == "folder":
             return ImageFolder(self.spec, resize)
@@ -160,7 +219,7 @@ def reference_features(
         "extractor": extractor.name,
         "weights_sha256": extractor.weights.sha256,
         "layer": layer,
-        "image_size": image_size if source.kind == "dataset" else None,
+        "image_size": image_size if source.kind in ("dataset", "config") else None,
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.spec).stem)[:40]
