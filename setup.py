@@ -26,6 +26,6 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={"dev": ["pytest", "ruff", "lpips"]},
     entry_points={"console_scripts": ["var=var.cli:main"]},
 )

@@ -3,6 +3,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from var.tokenizers.vqvae import VQVAE
 from var.train.config import ExperimentConfig, OptimConfig, load_experiment
 from var.train.losses import distillation_kl, token_cross_entropy
 from var.train.optim import lr_multiplier, param_groups, weight_decay_at
+from var.train.perceptual import load_perceptual_loss
 from var.train.tokenizer import TokenizerTrainer
 from var.train.transformer import TransformerTrainer, progressive_stage
 
@@ -178,6 +180,27 @@ def test_perceptual_loss_switches_off_with_a_warning_when_weights_are_missing(tm
                                    tmp_path / "tok", progress=False)
     assert trainer.perceptual is None and trainer.discriminator is not None
     assert "gan_d" in trainer.fit()
+
+
+def test_perceptual_loss_equals_lpips_with_the_same_weights(tmp_path, monkeypatch):
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained`
+        reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()  # random VGG
+    vgg = {f"features.{key.split('.', 2)[2]}": value  # net.slice{k}.{index}.weight -> features.{index}.weight
+           for key, value in reference.state_dict().items() if key.startswith("net.slice")}
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    torch.save(vgg, hub / "checkpoints" / "vgg16-397923af.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    ours = load_perceptual_loss()  # the lpips package's heads are found without being imported
+    assert ours.learned_heads
+    images, targets = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = reference(images, targets).mean()
+        assert torch.allclose(ours(images, targets), expected, rtol=1e-5, atol=1e-7)
+        assert ours(images, images).item() == 0
 
 
 def _ce_on(model, tokenizer, images, labels, num_scales=None):

@@ -71,8 +71,9 @@ class TrainConfig:
 class TokenizerLossConfig:
     """Tokenizer objective: reconstruction + vq (codebook/commitment) + optional perceptual and patch-GAN.
 
-    ``perceptual_weight`` uses VGG16 ImageNet features (LPIPS-style, unit channel weights); it switches itself
-    off with a warning when the torchvision weights are not in the local hub cache.  The patch-GAN
+    ``perceptual_weight`` weighs LPIPS (VGG16; its learned heads come from the ``lpips`` package when it is
+    installed, else every channel weighs 1); it switches itself off with a warning when the torchvision VGG16
+    weights are not in the local hub cache.  The patch-GAN
     discriminator is trained from scratch (hinge loss) from step ``gan_start``.  Codes unused for
     ``restart_every`` steps are re-initialised from latent vectors of the current batch (0 = never);
     ``data_init`` sets the whole codebook from the first batch's latents, which keeps small datasets from

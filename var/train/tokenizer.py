@@ -1,7 +1,7 @@
 """Tokenizer training (``var train-tokenizer``): the multi-scale VQ-VAE on its own.
 
 Objective = reconstruction (L1 or L2) + the quantiser's vq loss (codebook + commitment, spec_var 1.5 F)
-+ optional LPIPS-style perceptual term + optional patch-GAN term (hinge).  The official repository ships no
++ optional LPIPS perceptual term + optional patch-GAN term (hinge).  The official repository ships no
 tokenizer training code; this follows the paper's description.
 
 Codebook health: on small data a randomly initialised codebook collapses onto a few codes.  With
