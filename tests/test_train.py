@@ -21,6 +21,7 @@ from var.sample.ar import ARSampler
 from var.sample.logits import SamplingSettings
 from var.tokenizers.vqvae import VQVAE
 from var.train.config import ExperimentConfig, OptimConfig, load_experiment
+from var.train.loop import cap_loss_scale
 from var.train.losses import distillation_kl, token_cross_entropy
 from var.train.optim import lr_multiplier, param_groups, weight_decay_at
 from var.train.perceptual import load_perceptual_loss
@@ -201,6 +202,17 @@ def test_perceptual_loss_equals_lpips_with_the_same_weights(tmp_path, monkeypatc
         expected = reference(images, targets).mean()
         assert torch.allclose(ours(images, targets), expected, rtol=1e-5, atol=1e-7)
         assert ours(images, images).item() == 0
+
+
+def test_fp16_loss_scale_is_capped_like_the_official_trainer():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**17)
+    scaler.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
+    cap_loss_scale(scaler)
+    assert scaler.get_scale() == 2.0**15
+    scaler.update(2.0**12)
+    cap_loss_scale(scaler)
+    assert scaler.get_scale() == 2.0**12  # below the cap: untouched
+    cap_loss_scale(None)  # bf16 / fp32 runs have no scaler
 
 
 def _ce_on(model, tokenizer, images, labels, num_scales=None):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, gather_object, is_tensorboard_available
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration, gather_object, is_tensorboard_available
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -33,6 +33,16 @@ from var.train.runs import TRAINING_STATE, RunDirectory, capture_rng, restore_rn
 from var.utils import seed_everything
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# the official fp16 loss scaling (spec_var 4): start at 2^11, grow every 1000 clean steps, never above 2^15
+FP16_INIT_SCALE = 2.0**11
+FP16_GROWTH_INTERVAL = 1000
+FP16_MAX_SCALE = 2.0**15
+
+
+def cap_loss_scale(scaler: torch.amp.GradScaler | None, max_scale: float = FP16_MAX_SCALE) -> None:
+    """Reset the fp16 loss scale to ``max_scale`` when it has grown past it (as the official trainer does)."""
+    if scaler is not None and scaler.is_enabled() and scaler.get_scale() > max_scale:
+        scaler.update(max_scale)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -95,6 +105,7 @@ class Trainer:
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.run.root), logging_dir=str(self.run.logs)),
             dynamo_backend="inductor" if train.compile else "no",
+            kwargs_handlers=[GradScalerKwargs(init_scale=FP16_INIT_SCALE, growth_interval=FP16_GROWTH_INTERVAL)],
         )
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -210,6 +221,8 @@ class Trainer:
         optimizer = self.optimizers[optimizer_name]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.sync_gradients:
+            cap_loss_scale(self.accelerator.scaler)
         return grad_norm
 
     @torch.no_grad()
