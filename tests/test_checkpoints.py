@@ -74,6 +74,36 @@ def test_wrong_file_kind_is_explained(tmp_path):
         load_official_var(tmp_path / "ar-ckpt-last.pth")
 
 
+def test_damaged_files_fail_in_one_line_naming_the_file(tmp_path):
+    vqvae, model = make_tiny_pair()
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .*garbage.pth as a checkpoint"):
+        load_official_var(tmp_path / "garbage.pth")
+    bundle = tmp_path / "bundle"
+    save_model(vqvae, bundle)
+    save_model(model, bundle)
+    weights = bundle / "var.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(SystemExit, match="cannot read .*var.safetensors as a checkpoint"):
+        main(["sample", "--ckpt", str(bundle), "--device", "cpu"])
+    (bundle / "vqvae.json").write_text("{")
+    with pytest.raises(ValueError, match="vqvae.json is not valid JSON"):
+        load_model(bundle, "vqvae")
+    (bundle / "vqvae.json").write_text('{"kind": "vqvae", "config": {"vocab_sise": 16}}')
+    with pytest.raises(ValueError, match="config does not fit VQVAEConfig"):
+        load_model(bundle, "vqvae")
+
+
+def test_per_scale_settings_must_match_the_scale_count(tmp_path):
+    vqvae, model = make_tiny_pair()
+    save_model(vqvae, tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")
+    scales = model.config.num_scales
+    with pytest.raises(SystemExit, match=f"top_k has {scales - 1} values but this model has {scales} scales"):
+        main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--device", "cpu", "--labels", "0",
+              "--top-k", *["0"] * (scales - 1), "--out", str(tmp_path / "grid.png")])
+
+
 def test_vocab_mismatch_between_tokenizer_and_transformer(tmp_path):
     vqvae, model = make_tiny_pair()
     other_vqvae, _ = make_tiny_pair()

@@ -119,10 +119,17 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
             f"checkpoint {path} not found; download the official weights (huggingface.co/FoundationVision/var) "
             "and pass their local path"
         )
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and safetensors errors all mean the same to the user
+        reason = str(error).strip().split(". ")[0].splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot read {path} as a checkpoint ({reason}); the file is damaged or not a PyTorch/safetensors "
+            "state dict: download or copy it again"
+        ) from None
     if isinstance(state, Mapping) and "trainer" in state and isinstance(state["trainer"], Mapping):
         # an official *training* checkpoint (ar-ckpt-last.pth): the model is inside
         raise ValueError(
@@ -374,10 +381,19 @@ def load_model(directory: str | os.PathLike, name: str, map_location: str | torc
     meta_path, weights = directory / f"{name}.json", directory / f"{name}.safetensors"
     if not meta_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"no checkpoint '{name}' in {directory} (expected {name}.json + {name}.safetensors)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") not in MODEL_KINDS:
-        raise ValueError(f"{meta_path}: unknown model kind {meta.get('kind')!r}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path} is not valid JSON ({error}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("kind") not in MODEL_KINDS:
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path}: unknown model kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
     model_cls, config_cls = MODEL_KINDS[meta["kind"]]
-    model = model_cls(config_cls(**meta["config"]))
-    strict_load(model, load_file(str(weights), device=str(map_location)), str(weights))
-    return model.eval()
+    try:
+        config = config_cls(**meta.get("config", {}))
+    except TypeError as error:
+        raise ValueError(f"{meta_path}: config does not fit {config_cls.__name__} ({error})") from None
+    model = model_cls(config)
+    state, source = _read_state_dict(weights)
+    strict_load(model, state, source)
+    return model.to(map_location).eval()

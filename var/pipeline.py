@@ -36,7 +36,9 @@ def resolve_bundle(path: str | os.PathLike, name: str = "var") -> Path:
         bundle = path / "checkpoints" / pointer.read_text().strip()
         if (bundle / f"{name}.json").is_file():
             return bundle
-        raise FileNotFoundError(f"{pointer} points to {bundle}, which holds no '{name}' checkpoint")
+        hint = {"ar": "; samplers 'ar' and 'sjd' decode the raster AR baseline: train one with 'var train --model ar'",
+                "var": "; it is a tokenizer run: train a transformer on it with 'var train'"}.get(name, "")
+        raise FileNotFoundError(f"{pointer} points to {bundle}, which holds no '{name}' checkpoint{hint}")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     raise FileNotFoundError(

@@ -241,6 +241,7 @@ class VARSampler:
         self.kv_policy = kv_policy or KVPolicy()
         self.gumbel = gumbel
         self.num_scales = model.config.num_scales
+        self.settings.check(self.num_scales)
         if tuple(vqvae.patch_nums) != tuple(model.config.patch_nums):
             raise ValueError(
                 f"tokenizer patch_nums {vqvae.patch_nums} differ from the transformer's {model.config.patch_nums}"

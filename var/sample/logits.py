@@ -28,6 +28,16 @@ class SamplingSettings:
     temperature: float | Sequence[float] = 1.0
     more_smooth: bool = False
 
+    def check(self, num_scales: int) -> None:
+        """Per-scale lists must give one value per scale of the model (caught before any sampling)."""
+        for name in ("top_k", "top_p", "temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) and len(value) not in (1, num_scales):
+                raise ValueError(
+                    f"{name} has {len(value)} values but this model has {num_scales} scales: give one value, "
+                    f"or one per scale"
+                )
+
     def at(self, scale_index: int) -> tuple[int, float, float]:
         """(top_k, top_p, temperature) of one scale."""
         return (
@@ -40,6 +50,8 @@ class SamplingSettings:
 def _per_scale(value, scale_index: int, name: str):
     if isinstance(value, (int, float)):
         return value
+    if len(value) == 1:
+        return value[0]
     if scale_index >= len(value):
         raise ValueError(f"{name} has {len(value)} per-scale values but scale {scale_index} was requested")
     return value[scale_index]
