@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from var.bench import anchor_ratios, base_ratios
 from var.cli import main
@@ -55,3 +58,17 @@ def test_anchor_ratios_compare_like_with_like():
     assert ratios[0]["speedup"] == 2.0 and ratios[0]["memory_ratio"] == 0.5
     assert ratios[1]["official"].startswith("CUDA out of memory")
     assert ratios[2]["sampler"] == "code" and ratios[2]["speedup"] == 2.204 and ratios[2]["memory_ratio"] == 0.501
+
+
+def test_gpu_acceptance_script_runs_every_part_on_tiny_models(tmp_path):
+    """The script a device session runs in one call per part; here every part but the compiled one, on CPU."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_acceptance.py"
+    subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--runs", "1",
+                    "--parts", "bench", "addons", "sjd", "fid", "--out", str(tmp_path)], check=True,
+                   capture_output=True, text=True)
+    summary = json.loads((tmp_path / "acceptance.json").read_text())
+    assert set(summary) == {"device", "bench", "addons", "sjd", "fid"}
+    assert {r["sampler"] for r in summary["addons"]["rows"]} == {"var", "code", "scalekv"}
+    assert any("KV bytes vs full cache" in name for name in summary["addons"]["checks"])
+    assert {e["sampler"] for e in summary["sjd"]["vs_base"]} == {"sjd"}
+    assert summary["fid"]["num_samples"] == 20 and summary["fid"]["extraction_images_per_s"] > 0

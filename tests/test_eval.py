@@ -19,14 +19,20 @@ import torch.nn.functional as F
 from conftest import make_tiny_pair
 from torch_fidelity import calculate_metrics
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from var.checkpoints import save_model
 from var.cli import main
 from var.data import DigitsDataset
 from var.eval.classifier import load_digit_classifier, save_digit_classifier
 from var.eval.evaluate import Evaluator
-from var.eval.fidelity import INCEPTION_FILE, INCEPTION_URL, fidelity_kwargs, register_extractor, strict_fp32
+from var.eval.fidelity import (
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    fidelity_kwargs,
+    register_extractor,
+    strict_fp32,
+    write_random_inception_weights,
+)
 from var.eval.images import ImageFolder, Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 from var.eval.reference import ReferenceSource
@@ -310,27 +316,9 @@ def test_missing_inception_weights_fail_before_any_sampling(tiny_bundle, monkeyp
     assert os.environ["TORCH_HOME"] in message  # says exactly where to put the file
 
 
-def make_random_inception_weights(path: Path, seed: int = 0) -> None:
-    """The FID Inception architecture with random (Kaiming) weights, saved in fp16 (spec_eval.md §1.5)."""
-
-    class RandomInit(FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # keep the random initialisation
-            return None
-
-    torch.manual_seed(seed)
-    placeholder = path.with_suffix(".empty")
-    torch.save({}, placeholder)
-    network = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(placeholder))
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):  # default init makes activations vanish: FID ~ 0 for anything
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.nn.init.normal_(network.fc.weight, std=0.05)
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()}, path)
-
-
 def test_random_inception_pipeline_end_to_end(tmp_path):
     weights = tmp_path / "random_inception.pth"
-    make_random_inception_weights(weights)
+    write_random_inception_weights(weights)
     with pytest.raises(ValueError, match="--allow-weights-mismatch"):
         Evaluator("inception-v3-compat", None, ["is"], str(weights))
     set_a = Samples(random_images(4, 0, side=16))

@@ -126,6 +126,31 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, allow_misma
     return ExtractorWeights(str(candidate), digest)
 
 
+def write_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> None:
+    """The FID Inception architecture with random (Kaiming) weights, saved in fp16 (spec_eval.md 1.5).
+
+    For tests and timing jobs where the real weights cannot be downloaded: speed does not depend on weight
+    values, and the pipeline runs end to end (use with ``--allow-weights-mismatch``; its numbers are not FID).
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInit(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the random initialisation
+            return None
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    placeholder = path.with_suffix(".empty")
+    torch.save({}, placeholder)
+    network = RandomInit(INCEPTION, ["2048"], feature_extractor_weights_path=str(placeholder))
+    placeholder.unlink()
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):  # default init makes activations vanish: FID ~ 0 for anything
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.nn.init.normal_(network.fc.weight, std=0.05)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()}, path)
+
+
 # extractor name -> function(path or None) -> ExtractorWeights, for extractors that need a weights file
 WEIGHT_RESOLVERS: dict[str, Callable[[str | None], ExtractorWeights]] = {}
 

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Every GPU measurement the issues ask for, each part small enough for one device call (< 10 minutes).
+
+    python scripts/gpu_acceptance.py --parts bench --out $OUT            # one part on the device machine
+    python scripts/gpu_acceptance.py --parts all --out $OUT              # everything (a longer session)
+    python scripts/gpu_acceptance.py --tiny --device cpu --out out/acc   # CPU smoke run of every part (CI)
+
+Parts (random weights at official sizes unless said otherwise; fp16 autocast, guidance on, decode included):
+
+* ``bench``   plain VAR, depths 16/20/24/30 x batch 1/16/64/256: img/s, latency and peak memory against the
+  official H100 numbers (performance issue: B=64 >= 2x, B=1 latency <= 0.5x, d24 at B=256 within 80 GB,
+  memory never above the official at equal batch).
+* ``latency`` the same at batch 1 and 16 with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs).
+* ``addons``  at d30: CoDe d30 -> d16 refiner with 8 and 6 draft steps and ScaleKV at 10 %, against plain d30
+  in the same run (CoDe: >= 1.7x img/s and <= 0.55x peak memory at B=64; ScaleKV: <= 10 % of the KV bytes),
+  and batch 512, where the full cache does not fit on an 80 GB card and ScaleKV's does.
+* ``sjd``     a ~314M-parameter raster AR (d16): plain vs speculative Jacobi decoding at batch 1 and 16; with
+  ``--ar-run``/``--var-run`` (trained runs, e.g. the digits ones), also ar vs sjd and var vs sjd-scale on them.
+* ``fid``     a 10k-sample FID/IS job (d16 tokenizer + transformer, 10 per class, random Inception weights):
+  samples/s and feature-extraction img/s.
+
+Each part's rows, ratios and threshold checks go to OUT/acceptance.json (merged with an earlier file there),
+the benchmark tables and plots to OUT/<part>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from var.bench import add_arguments, bench_sampler, build_models, finalize_defaults, run
+from var.checkpoints import save_model
+from var.cli import main as var_cli
+from var.eval.fidelity import write_random_inception_weights
+from var.pipeline import load_pair
+from var.sample.registry import build_sampler, model_name_for
+from var.train.config import load_experiment
+from var.utils import resolve_device
+
+PARTS = ("bench", "latency", "addons", "sjd", "fid")
+FID_SAMPLES_PER_CLASS = 10  # x 1000 classes = the 10k-sample job
+
+
+def check(value: float | None, threshold: float, at_least: bool) -> dict:
+    """One acceptance check: the measured value, the threshold, and whether it is met."""
+    passed = value is not None and (value >= threshold if at_least else value <= threshold)
+    return {"value": value, "threshold": ("min " if at_least else "max ") + str(threshold), "pass": passed}
+
+
+def bench(out: Path, options: argparse.Namespace, *argv: str) -> dict:
+    """``var bench`` with these arguments (plus the shared device/size ones); returns its report."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    shared = ["--device", options.device, "--runs", str(options.runs), "--out", str(out)]
+    return run(finalize_defaults(parser.parse_args([*argv, *shared, *(["--tiny"] if options.tiny else [])])))
+
+
+def official_checks(report: dict, latency: bool) -> dict:
+    """Performance-issue thresholds on the rows that have an official counterpart."""
+    checks = {}
+    for entry in report.get("vs_official_h100", []):
+        name = f"{entry['sampler']} d{entry['depth']} B={entry['B']}"
+        if "official_img_per_s" not in entry:
+            checks[f"{name} runs where the official code runs out of memory"] = {"value": entry["ours_img_per_s"],
+                                                                                  "pass": True}
+            continue
+        if entry["sampler"] == "var" and entry["B"] == 64 and not latency:
+            checks[f"{name} img/s vs official"] = check(entry["speedup"], 2.0, at_least=True)
+        if entry["sampler"] == "var" and entry["B"] == 1:
+            ratio = round(entry["ours_latency_s"] / entry["official_latency_s"], 3)
+            checks[f"{name} latency vs official"] = check(ratio, 0.5, at_least=False)
+        if "memory_ratio" in entry and not latency:
+            checks[f"{name} peak memory vs official"] = check(entry["memory_ratio"], 1.0, at_least=False)
+    return checks
+
+
+def part_bench(out: Path, options: argparse.Namespace) -> dict:
+    report = bench(out, options, "--samplers", "var")
+    return {"rows": report["results"], "vs_official_h100": report.get("vs_official_h100", []),
+            "checks": official_checks(report, latency=False)}
+
+
+def part_latency(out: Path, options: argparse.Namespace) -> dict:
+    depths = ["2"] if options.tiny else ["16", "30"]
+    report = bench(out, options, "--samplers", "var", "--batch-sizes", "1", "16", "--depths", *depths,
+                   "--compile", "reduce-overhead", "--warmup", "2")
+    return {"rows": report["results"], "vs_official_h100": report.get("vs_official_h100", []),
+            "checks": official_checks(report, latency=True)}
+
+
+def part_addons(out: Path, options: argparse.Namespace) -> dict:
+    depth = ["--depths", "2" if options.tiny else "30"]
+    rows, ratios, checks = [], [], {}
+    for steps in ("8", "6"):
+        samplers = ["var", "code"] + (["scalekv"] if steps == "8" else [])
+        report = bench(out / f"draft{steps}", options, "--samplers", *samplers, "--draft-steps", steps,
+                       "--batch-sizes", "1", "16", "64", *depth)
+        rows += report["results"]
+        ratios += [dict(r, draft_steps=int(steps)) for r in report["vs_base"]]
+    big = ["4"] if options.tiny else ["512"]
+    report = bench(out / "large_batch", options, "--samplers", "var", "scalekv", "--batch-sizes", *big, *depth)
+    rows += report["results"]
+    ratios += report["vs_base"]
+    for entry in ratios:
+        name = f"{entry['sampler']} d{entry['depth']} B={entry['B']}"
+        if entry["sampler"] == "code" and entry["B"] == 64 and entry.get("draft_steps") == 8:
+            checks[f"{name} N=8 img/s vs plain"] = check(entry.get("speedup"), 1.7, at_least=True)
+            checks[f"{name} N=8 peak memory vs plain"] = check(entry.get("memory_ratio"), 0.55, at_least=False)
+        if entry["sampler"] == "scalekv" and "kv_ratio" in entry:
+            checks[f"{name} KV bytes vs full cache"] = check(entry["kv_ratio"], 0.10, at_least=False)
+        if entry["sampler"] == "scalekv" and entry.get("base_error") and not entry.get("error"):
+            checks[f"{name} fits where the full cache does not"] = {"value": entry["base_error"], "pass": True}
+    return {"rows": rows, "vs_base": ratios, "checks": checks}
+
+
+def time_trained_run(run_dir: str, names: list[str], options: argparse.Namespace) -> list[dict]:
+    """Plain vs speculative sampling of a trained run, with the sampling settings of its config."""
+    device = resolve_device(options.device)
+    settings = load_experiment(Path(run_dir) / "config.yaml").sample
+    rows = []
+    for name in names:
+        vqvae, model = load_pair(run_dir, device=device, var_name=model_name_for(name))
+        sampler = build_sampler(name, model, vqvae, settings)
+        for batch_size in (1, 16):
+            row = bench_sampler(sampler, batch_size, model.num_classes, device, "fp32", 1, options.runs, True)
+            rows.append({"run": run_dir, "sampler": name, **row})
+    return rows
+
+
+def part_sjd(out: Path, options: argparse.Namespace) -> dict:
+    depth = ["--depths", "2" if options.tiny else "16"]
+    report = bench(out, options, "--samplers", "ar", "sjd", "--batch-sizes", "1", "16", *depth)
+    result = {"rows": report["results"], "vs_base": report["vs_base"], "trained": []}
+    if options.ar_run:
+        result["trained"] += time_trained_run(options.ar_run, ["ar", "sjd"], options)
+    if options.var_run:
+        result["trained"] += time_trained_run(options.var_run, ["var", "sjd-scale"], options)
+    result["checks"] = {f"sjd d{e['depth']} B={e['B']} latency speed-up": {"value": e.get("speedup"), "pass": True}
+                        for e in report["vs_base"]}
+    return result
+
+
+def part_fid(out: Path, options: argparse.Namespace) -> dict:
+    device = resolve_device(options.device)
+    bundle, work = out / "random_d16", out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    model, vqvae = build_models(2 if options.tiny else 16, options.tiny, torch.device("cpu"))
+    save_model(vqvae, bundle)
+    save_model(model, bundle)
+    weights = work / "random_inception.pth"
+    write_random_inception_weights(weights)
+    reference = work / "reference_stats.npz"  # timing only: any valid statistics will do
+    np.savez(reference, mu=np.zeros(2048), sigma=np.eye(2048))
+    per_class = 2 if options.tiny else FID_SAMPLES_PER_CLASS
+    var_cli(["eval", "--ckpt", str(bundle), "--per-class", str(per_class), "--ref", str(reference),
+             "--inception-weights", str(weights), "--allow-weights-mismatch", "--metrics", "fid,is",
+             "--device", str(device), "--dtype", "fp32" if device.type == "cpu" else "fp16",
+             "--batch-size", "125", "--eval-batch-size", "250", "--no-progress", "--no-npz",
+             "--out", str(out / "eval")])
+    report = json.loads((out / "eval" / "report.json").read_text())
+    numbers = {"num_samples": report["num_samples"], "samples_per_s": report["sampling"]["samples_per_s"],
+               "sampling_s": report["sampling"]["sampling_s"],
+               "extraction_images_per_s": report["metrics"]["extraction_images_per_s"],
+               "extraction_s": report["metrics"]["extraction_s"]}
+    return {**numbers, "checks": {"FID job ran end to end": {"value": numbers["num_samples"], "pass": True}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["all"], choices=("all", *PARTS))
+    parser.add_argument("--out", default="out/acceptance")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run of every part)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (min and median)")
+    parser.add_argument("--ar-run", help="sjd part: a trained raster AR run (var train --model ar)")
+    parser.add_argument("--var-run", help="sjd part: a trained VAR run, for sjd-scale")
+    options = parser.parse_args()
+    out = Path(options.out)
+    summary_path = out / "acceptance.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    device = resolve_device(options.device)
+    summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    for part in PARTS if "all" in options.parts else options.parts:
+        print(f"== {part}", flush=True)
+        summary[part] = globals()[f"part_{part}"](out / part, options)
+        out.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=1))
+        for name, result in summary[part]["checks"].items():
+            print(f"  {'ok  ' if result['pass'] else 'FAIL'} {name}: {result['value']} "
+                  f"({result.get('threshold', 'reported')})", flush=True)
+    print(f"wrote {summary_path}")
+
+
+if __name__ == "__main__":
+    main()
