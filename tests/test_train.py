@@ -128,6 +128,31 @@ def test_weight_decay_grouping_follows_the_official_rule():
     assert decayed.isdisjoint(exempt) and len(decayed | exempt) == len(names)
 
 
+def test_official_schedule_family():
+    def curve(schedule, end=0.1):
+        config = OptimConfig(warmup_steps=0, end_ratio=end, schedule=schedule)
+        return [lr_multiplier(step, 101, config) for step in range(101)]  # progress = step / 100
+
+    lin, lin00, split, exp = curve("lin"), curve("lin00"), curve("lin0.8"), curve("exp")
+    assert lin[15] == 1.0 and lin[16] < 1 and lin[100] == pytest.approx(0.1)  # flat for 15 %, then linear
+    assert lin00[0] == 1.0 and lin00[50] == pytest.approx(0.55) and lin00[100] == pytest.approx(0.1)
+    middle = (1 + 0.1 + 0.9 * 0.2) / 2  # halfway between 1 and where lin00 is at T = 0.8
+    assert split[40] == pytest.approx(1 + (middle - 1) * 0.5) and split[80] == pytest.approx(middle)
+    assert split[90] == pytest.approx(0.1 + (middle - 0.1) * 0.5) and split[100] == pytest.approx(0.1)
+    assert exp[15] == 1.0 and exp[100] == pytest.approx(0.1) and exp[50] == pytest.approx(0.1 ** (35 / 85))
+    assert curve("lin1")[100] == pytest.approx((1 + 0.1) / 2)  # T = 1: the first piece fills the run
+    for bad in ("lin2", "linear", "cosine"):
+        with pytest.raises(ValueError, match=f"unknown lr schedule '{bad}'"):
+            curve(bad)
+
+
+def test_progressive_training_switches_lin0_to_lin_pg(tmp_path, tokenizer_bundle):
+    experiment = tiny_experiment("var.loss.progressive=0.5", "var.loss.progressive_start_scale=1",
+                                 "var.train.steps=2", "var.train.optim.schedule=lin0")
+    trainer = TransformerTrainer(experiment, tmp_path / "run", tokenizer=tokenizer_bundle, progress=False)
+    assert trainer.config.optim.schedule == "lin0.5"
+
+
 def test_lr_schedule_warmup_then_lin0_decay():
     config = OptimConfig(warmup_steps=10, warmup_start=0.005, end_ratio=0.1, schedule="lin0")
     total = 210

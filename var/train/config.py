@@ -23,8 +23,10 @@ class OptimConfig:
 
     The peak learning rate is ``base_lr * effective_batch / 256`` (effective batch = batch_size x processes x
     grad_accum) unless ``lr`` is given.  The multiplier warms up linearly from ``warmup_start`` over
-    ``warmup_steps`` (default: 2 % of the run, the official ep/50) and then follows ``schedule``: "lin0"
-    (flat for 5 %, then linear down to ``end_ratio``), "lin" (linear from the peak), "cos", or "const".
+    ``warmup_steps`` (default: 2 % of the run, the official ep/50) and then follows ``schedule``, as the
+    official trainer names them: "lin0" (flat for 5 %, then linear down to ``end_ratio``), "lin" (flat for
+    15 %), "lin00" (linear from the peak), "lin<T>" (two linear pieces meeting at T; progressive VAR training
+    switches the default lin0 to lin<progressive>), "cos", "exp" (flat for 15 %, then exponential), "const".
     Weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end`` (default: constant).
     """
 

@@ -43,7 +43,8 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_de
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, peak_lr: float) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (fused on CUDA)."""
+    """AdamW over :func:`param_groups` (fused on CUDA); the lr schedule is checked here, before training."""
+    check_schedule(config)
     groups = param_groups(model.named_parameters(), config.weight_decay)
     fused = all(p.is_cuda for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None)
@@ -59,22 +60,54 @@ def warmup_steps(config: OptimConfig, total_steps: int) -> int:
     return config.warmup_steps if config.warmup_steps is not None else round(total_steps / 50)
 
 
+# official schedules that stay at the peak for a fraction of the run after warm-up, then fall linearly
+FLAT_THEN_LINEAR = {"lin": 0.15, "lin0": 0.05, "lin00": 0.0}
+EXP_FLAT = 0.15  # 'exp' stays at the peak this long, then decays exponentially to end_ratio
+SCHEDULES = (*FLAT_THEN_LINEAR, "lin<T>", "cos", "exp", "const")
+
+
+def split_point(schedule: str) -> float | None:
+    """T of a 'lin<T>' schedule (0 < T <= 1, e.g. 'lin0.8'), else None."""
+    if not schedule.startswith("lin") or schedule in FLAT_THEN_LINEAR:
+        return None
+    try:
+        split = float(schedule[3:])
+    except ValueError:
+        return None
+    return split if 0 < split <= 1 else None
+
+
+def check_schedule(config: OptimConfig) -> None:
+    """Reject an unknown ``schedule`` before training starts."""
+    if config.schedule not in SCHEDULES and split_point(config.schedule) is None:
+        raise ValueError(f"unknown lr schedule '{config.schedule}'; choose one of {', '.join(SCHEDULES)} "
+                         "(lin<T>: 0 < T <= 1, e.g. lin0.8)")
+
+
 def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
-    """Learning-rate multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    """Learning-rate multiplier of the peak lr at optimizer step ``step`` (0-based), spec_var 4.2."""
     warmup = warmup_steps(config, total_steps)
     if step < warmup:
         return config.warmup_start + (1 - config.warmup_start) * step / warmup
     progress = (step - warmup) / max(1, total_steps - 1 - warmup)  # 0 -> 1 over the rest of the run
-    end = config.end_ratio
-    if config.schedule == "lin0":
-        return 1.0 if progress < 0.05 else end + (1 - end) * (1 - progress) / 0.95
-    if config.schedule == "lin":
-        return end + (1 - end) * (1 - progress)
-    if config.schedule == "cos":
+    rest, end, schedule = 1 - progress, config.end_ratio, config.schedule
+    if schedule in FLAT_THEN_LINEAR:
+        flat = FLAT_THEN_LINEAR[schedule]
+        return 1.0 if progress < flat else end + (1 - end) * rest / (1 - flat)
+    if schedule == "cos":
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
-    if config.schedule == "const":
+    if schedule == "exp":
+        return 1.0 if progress < EXP_FLAT else math.exp((progress - EXP_FLAT) / (1 - EXP_FLAT) * math.log(end))
+    if schedule == "const":
         return 1.0
-    raise ValueError(f"unknown lr schedule '{config.schedule}'; choose lin0, lin, cos or const")
+    check_schedule(config)  # what is left is 'lin<T>'
+    split = split_point(schedule)
+    # 'lin<T>' (progressive training): two linear pieces, 1 -> middle over the first T of the run, then
+    # middle -> end_ratio; middle is halfway between 1 and where a plain linear decay would be at T
+    middle = (1 + end + (1 - end) * (1 - split)) / 2
+    if progress < split or split == 1:
+        return 1 + (middle - 1) * progress / split
+    return end + (middle - end) * rest / (1 - split)
 
 
 def weight_decay_at(step: int, total_steps: int, config: OptimConfig) -> float:

@@ -143,6 +143,9 @@ class TransformerTrainer(Trainer):
         self.teacher = self.load_teacher(model) if self.recipe.name == "code-refiner" else None
         self.token_weights = self.base_token_weights(model)
         peak = self.default_peak_lr()
+        if self.loss_config.progressive > 0 and self.config.optim.schedule == "lin0":
+            self.config.optim.schedule = f"lin{self.loss_config.progressive:g}"  # as the official trainer does
+            self.say(f"progressive training: lr schedule {self.config.optim.schedule}")
         self.add_optimizer(self.kind, build_optimizer(model, self.config.optim, peak), peak)
         if self.config.sample_every:
             self.sampler(model)  # bad sampler settings fail now, not at the first sample grid
