@@ -5,11 +5,9 @@
     python scripts/bench_sampling.py --device cpu --tiny                              # CPU smoke run
 """
 
-import argparse
+import sys
 
-from var.bench import add_arguments, finalize_defaults, run
+from var.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    run(finalize_defaults(parser.parse_args()))
+    main(["bench", *sys.argv[1:]])

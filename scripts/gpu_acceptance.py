@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from var.bench import add_arguments, bench_sampler, build_models, finalize_defaults, run
+from var.bench import add_arguments, base_ratios, bench_samplers, build_models, finalize_defaults, run
 from var.checkpoints import save_model
 from var.cli import main as var_cli
 from var.eval.fidelity import write_random_inception_weights
 from var.pipeline import load_pair
-from var.sample.registry import build_sampler, model_name_for
+from var.sample.registry import model_name_for
 from var.train.config import load_experiment
 from var.utils import resolve_device
 
@@ -51,12 +51,17 @@ def check(value: float | None, threshold: float, at_least: bool) -> dict:
     return {"value": value, "threshold": ("min " if at_least else "max ") + str(threshold), "pass": passed}
 
 
-def bench(out: Path, options: argparse.Namespace, *argv: str) -> dict:
-    """``var bench`` with these arguments (plus the shared device/size ones); returns its report."""
+def bench_args(options: argparse.Namespace, *argv: str) -> argparse.Namespace:
+    """``var bench`` arguments: these, plus the shared device / size / repetition ones."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    shared = ["--device", options.device, "--runs", str(options.runs), "--out", str(out)]
-    return run(finalize_defaults(parser.parse_args([*argv, *shared, *(["--tiny"] if options.tiny else [])])))
+    shared = ["--device", options.device, "--runs", str(options.runs), *(["--tiny"] if options.tiny else [])]
+    return finalize_defaults(parser.parse_args([*argv, *shared]))
+
+
+def bench(out: Path, options: argparse.Namespace, *argv: str) -> dict:
+    """``var bench`` with these arguments, writing to ``out``; returns its report."""
+    return run(bench_args(options, *argv, "--out", str(out)))
 
 
 def official_checks(report: dict, latency: bool) -> dict:
@@ -68,11 +73,10 @@ def official_checks(report: dict, latency: bool) -> dict:
             checks[f"{name} runs where the official code runs out of memory"] = {"value": entry["ours_img_per_s"],
                                                                                   "pass": True}
             continue
-        if entry["sampler"] == "var" and entry["B"] == 64 and not latency:
+        if entry["sampler"] == "var" and entry["B"] == 64:
             checks[f"{name} img/s vs official"] = check(entry["speedup"], 2.0, at_least=True)
         if entry["sampler"] == "var" and entry["B"] == 1:
-            ratio = round(entry["ours_latency_s"] / entry["official_latency_s"], 3)
-            checks[f"{name} latency vs official"] = check(ratio, 0.5, at_least=False)
+            checks[f"{name} latency vs official"] = check(entry["latency_ratio"], 0.5, at_least=False)
         if "memory_ratio" in entry and not latency:
             checks[f"{name} peak memory vs official"] = check(entry["memory_ratio"], 1.0, at_least=False)
     return checks
@@ -94,20 +98,18 @@ def part_latency(out: Path, options: argparse.Namespace) -> dict:
 
 def part_addons(out: Path, options: argparse.Namespace) -> dict:
     depth = ["--depths", "2" if options.tiny else "30"]
-    rows, ratios, checks = [], [], {}
-    for steps in ("8", "6"):
-        samplers = ["var", "code"] + (["scalekv"] if steps == "8" else [])
-        report = bench(out / f"draft{steps}", options, "--samplers", *samplers, "--draft-steps", steps,
-                       "--batch-sizes", "1", "16", "64", *depth)
-        rows += report["results"]
-        ratios += [dict(r, draft_steps=int(steps)) for r in report["vs_base"]]
+    batches = ["--batch-sizes", "1", "16", "64"]
+    rows = bench(out / "draft8", options, "--samplers", "var", "code", "scalekv", "--draft-steps", "8",
+                 *batches, *depth)["results"]
+    rows += bench(out / "draft6", options, "--samplers", "code", "--draft-steps", "6", *batches, *depth)["results"]
     big = ["4"] if options.tiny else ["512"]
-    report = bench(out / "large_batch", options, "--samplers", "var", "scalekv", "--batch-sizes", *big, *depth)
-    rows += report["results"]
-    ratios += report["vs_base"]
+    rows += bench(out / "large_batch", options, "--samplers", "var", "scalekv", "--batch-sizes", *big,
+                  *depth)["results"]
+    ratios = base_ratios(rows)  # every add-on row against the plain d30 rows measured above
+    checks = {}
     for entry in ratios:
         name = f"{entry['sampler']} d{entry['depth']} B={entry['B']}"
-        if entry["sampler"] == "code" and entry["B"] == 64 and entry.get("draft_steps") == 8:
+        if entry["sampler"] == "code" and entry["B"] == 64 and entry["draft_steps"] == 8:
             checks[f"{name} N=8 img/s vs plain"] = check(entry.get("speedup"), 1.7, at_least=True)
             checks[f"{name} N=8 peak memory vs plain"] = check(entry.get("memory_ratio"), 0.55, at_least=False)
         if entry["sampler"] == "scalekv" and "kv_ratio" in entry:
@@ -118,17 +120,13 @@ def part_addons(out: Path, options: argparse.Namespace) -> dict:
 
 
 def time_trained_run(run_dir: str, names: list[str], options: argparse.Namespace) -> list[dict]:
-    """Plain vs speculative sampling of a trained run, with the sampling settings of its config."""
-    device = resolve_device(options.device)
+    """Plain vs speculative sampling (``names``: both decode the same model) of a trained run, at batch 1 and
+    16, with the sampling settings of its config."""
+    args = bench_args(options, "--batch-sizes", "1", "16")
+    device = resolve_device(args.device)
+    vqvae, model = load_pair(run_dir, device=device, var_name=model_name_for(names[0]))
     settings = load_experiment(Path(run_dir) / "config.yaml").sample
-    rows = []
-    for name in names:
-        vqvae, model = load_pair(run_dir, device=device, var_name=model_name_for(name))
-        sampler = build_sampler(name, model, vqvae, settings)
-        for batch_size in (1, 16):
-            row = bench_sampler(sampler, batch_size, model.num_classes, device, "fp32", 1, options.runs, True)
-            rows.append({"run": run_dir, "sampler": name, **row})
-    return rows
+    return bench_samplers(model, vqvae, names, args, settings, device, run=run_dir)
 
 
 def part_sjd(out: Path, options: argparse.Namespace) -> dict:

@@ -26,6 +26,7 @@ from var.models.ar import ARConfig, RasterAR
 from var.models.var import VARConfig, build_var
 from var.sample.logits import SamplingSettings
 from var.sample.registry import AR_SAMPLERS, SAMPLER_NAMES, build_sampler
+from var.sample.registry import sampler_options as accepted_options
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import autocast, compile_for_sampling, resolve_device
 
@@ -113,22 +114,30 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
     return row
 
 
+SETTING_KEYS = ("refiner_depth", "draft_steps", "kv_budget")  # add-on settings a result row records
+
+
 def sampler_settings(name: str, args: argparse.Namespace) -> dict:
     """The add-on settings of sampler ``name`` in this run (recorded in its result rows)."""
+    accepted = accepted_options(name)
     settings = {}
-    if name.startswith("code"):
+    if "refiner" in accepted:
         settings.update(refiner_depth=args.refiner_depth, draft_steps=args.draft_steps)
-    if name.endswith("scalekv"):
+    if "kv_budget" in accepted:
         settings["kv_budget"] = args.kv_budget
     return settings
 
 
-def sampler_options(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """Constructor arguments of the add-on samplers: their settings, with a random-weight refiner for CoDe."""
-    options = sampler_settings(name, args)
-    if "refiner_depth" in options:
-        options["refiner"] = build_models(options.pop("refiner_depth"), args.tiny, device)[0]
-    return options
+def sampler_arguments(settings: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Constructor arguments for these settings, with a random-weight refiner for CoDe."""
+    arguments = dict(settings)
+    if "refiner_depth" in arguments:
+        arguments["refiner"] = build_models(arguments.pop("refiner_depth"), args.tiny, device)[0]
+    return arguments
+
+
+def _settings_of(row: dict) -> dict:
+    return {key: row[key] for key in SETTING_KEYS if key in row}
 
 
 def _ratio(ours, theirs) -> float | None:
@@ -145,7 +154,7 @@ def base_ratios(rows: list[dict]) -> list[dict]:
         ref = base.get((family_base, row["depth"], row["B"]))
         if row["sampler"] in BASE_SAMPLERS or ref is None:
             continue
-        entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"]}
+        entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"], **_settings_of(row)}
         if "error" in row or "error" in ref:  # e.g. the full cache does not fit where the compressed one does
             entry.update(error=row.get("error"), base_error=ref.get("error"))
         else:
@@ -175,12 +184,11 @@ def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
         ref = official.get(_official_key(row))
         if ref is None or "img_per_s" not in row:
             continue
-        entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"], "ours_img_per_s": row["img_per_s"]}
-        if "draft_steps" in row:
-            entry.update(refiner_depth=row["refiner_depth"], draft_steps=row["draft_steps"])
+        entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"], **_settings_of(row),
+                 "ours_img_per_s": row["img_per_s"]}
         if "img_per_s" in ref:
             entry.update(official_img_per_s=ref["img_per_s"], speedup=_ratio(row["img_per_s"], ref["img_per_s"]),
-                         ours_latency_s=row["sec"], official_latency_s=ref["sec"])
+                         latency_ratio=_ratio(row["sec"], ref["sec"]))
         if "peak_GB" in row and "peak_GB" in ref:
             entry["memory_ratio"] = _ratio(row["peak_GB"], ref["peak_GB"])
         if "error" in ref:
@@ -219,22 +227,31 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argparse.Namespace,
+                   settings: SamplingSettings, device: torch.device, **labels) -> list[dict]:
+    """Rows of every sampler in ``names`` on one (model, tokenizer) pair at every batch size of ``args``;
+    ``labels`` (e.g. ``depth=16``) head each row."""
+    rows = []
+    for name in names:
+        recorded = sampler_settings(name, args)
+        sampler = build_sampler(name, model, vqvae, settings, **sampler_arguments(recorded, args, device))
+        for batch_size in args.batch_sizes:
+            row = bench_sampler(sampler, batch_size, model.num_classes, device, args.dtype,
+                                args.warmup, args.runs, not args.no_decode)
+            row = {"sampler": name, **labels, **recorded, **row}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del sampler  # a CoDe sampler holds its refiner
+    return rows
+
+
 def bench_depth(depth: int, raster: bool, names: list[str], args: argparse.Namespace,
-                settings: SamplingSettings, device: torch.device, dtype: str) -> list[dict]:
+                settings: SamplingSettings, device: torch.device) -> list[dict]:
     """Rows of every sampler in ``names`` (all for one model family) and batch size at one depth."""
     model, vqvae = build_models(depth, args.tiny, device, raster)
     if args.compile:
         compile_for_sampling(model, vqvae, args.compile)
-    rows = []
-    for name in names:
-        sampler = build_sampler(name, model, vqvae, settings, **sampler_options(name, args, device))
-        for batch_size in args.batch_sizes:
-            row = bench_sampler(sampler, batch_size, model.num_classes, device, dtype,
-                                args.warmup, args.runs, not args.no_decode)
-            row = {"sampler": name, "depth": depth, **sampler_settings(name, args), **row}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del sampler  # a CoDe sampler holds its refiner
+    rows = bench_samplers(model, vqvae, names, args, settings, device, depth=depth)
     del model, vqvae  # the next model's peak memory must not include this one's weights
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -242,8 +259,8 @@ def bench_depth(depth: int, raster: bool, names: list[str], args: argparse.Names
 
 
 def run(args: argparse.Namespace) -> dict:
+    args = finalize_defaults(args)
     device = resolve_device(args.device)
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -253,11 +270,11 @@ def run(args: argparse.Namespace) -> dict:
         for raster in (False, True):
             names = [name for name in args.samplers if (name in AR_SAMPLERS) == raster]
             if names:
-                rows += bench_depth(depth, raster, names, args, settings, device, dtype)
+                rows += bench_depth(depth, raster, names, args, settings, device)
     report = {
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": dtype, "cfg": args.cfg, "top_k": args.top_k,
+            "torch": torch.__version__, "dtype": args.dtype, "cfg": args.cfg, "top_k": args.top_k,
             "top_p": args.top_p, "vae_decode_included": not args.no_decode, "weights": "random",
             "sizes": "tiny" if args.tiny else "official", "warmup": args.warmup, "runs": args.runs,
             "compile": args.compile,
@@ -299,6 +316,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def finalize_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on --tiny and the device (idempotent; :func:`run` calls it)."""
+    if args.dtype is None:
+        args.dtype = "fp16" if resolve_device(args.device).type == "cuda" else "fp32"
     if args.depths is None:
         args.depths = [2] if args.tiny else [16, 20, 24, 30]
     if args.batch_sizes is None:
@@ -312,4 +332,4 @@ def finalize_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark sampling speed and memory (random weights)")
     add_arguments(parser)
-    parser.set_defaults(func=lambda args: run(finalize_defaults(args)))
+    parser.set_defaults(func=run)
