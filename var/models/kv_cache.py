@@ -135,6 +135,7 @@ class RaggedKVCache(KVCache):
         super().__init__(num_layers, capacity)
         self.row_lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.slots: torch.Tensor | None = None  # (rows, count) where the current window is written
+        self.window_end = 0  # one past the last slot of the current window (in any row)
 
     @property
     def length(self) -> int:
@@ -144,7 +145,7 @@ class RaggedKVCache(KVCache):
     def open_window(self, count: int) -> torch.Tensor:
         """Reserve ``count`` slots after every row's length; returns the boolean mask (rows, 1, count, end)."""
         self.slots = self.row_lengths.unsqueeze(1) + torch.arange(count, device=self.row_lengths.device)
-        end = int(self.slots.max()) + 1
+        end = self.window_end = int(self.slots.max()) + 1  # the one host sync of a pass
         if end > self.capacity[0]:
             raise RuntimeError(f"KV cache holds {self.capacity[0]} tokens per row; {end} were requested")
         self.row_lengths = self.row_lengths + count
@@ -163,11 +164,11 @@ class RaggedKVCache(KVCache):
         # advanced indices around a slice put the indexed dims first: (rows, count, heads, head_dim)
         self.keys[layer][row_index, :, self.slots] = k.transpose(1, 2)
         self.values[layer][row_index, :, self.slots] = v.transpose(1, 2)
-        end = int(self.slots.max()) + 1
-        self.lengths[layer] = end
+        end = self.lengths[layer] = self.window_end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def truncate(self, length: int | torch.Tensor) -> None:
         """Roll every row back to its first ``length`` tokens (one int, or one length per row)."""
         self.row_lengths = torch.minimum(self.row_lengths, torch.as_tensor(length, device=self.row_lengths.device))
-        self.lengths = [min(current, self.length) for current in self.lengths]
+        longest = self.length
+        self.lengths = [min(current, longest) for current in self.lengths]
