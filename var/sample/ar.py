@@ -14,7 +14,14 @@ import torch
 
 from var.models.ar import RasterAR
 from var.models.kv_cache import KVCache
-from var.sample.base import SampleOutput, decode_images, kv_stats, resolve_labels
+from var.sample.base import (
+    SampleOutput,
+    decode_images,
+    kv_stats,
+    peak_memory_stats,
+    reset_peak_memory,
+    resolve_labels,
+)
 from var.sample.logits import SamplingSettings, draw, guide, target_logits
 from var.tokenizers.vqvae import VQVAE
 
@@ -64,6 +71,7 @@ class ARSampler:
     ) -> tuple[torch.Tensor, torch.Generator | None, torch.Tensor]:
         """(labels (B,), generator, class conditions (2B, C): conditional rows, then null-class rows)."""
         device = next(self.model.parameters()).device
+        reset_peak_memory(device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         labels = resolve_labels(labels, self.model.num_classes, device, generator, batch_size)
@@ -80,9 +88,7 @@ class ARSampler:
         side = self.model.config.side
         f_hat = self.vqvae.quantize.indices_to_fhat([tokens], patch_nums=(side,))
         images = decode_images(self.vqvae, f_hat) if decode else None
-        if f_hat.device.type == "cuda":
-            stats["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(f_hat.device)
-        return SampleOutput(images, [tokens], f_hat, stats)
+        return SampleOutput(images, [tokens], f_hat, {**stats, **peak_memory_stats(f_hat.device)})
 
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()

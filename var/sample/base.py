@@ -50,6 +50,17 @@ class SampleOutput:
     guided_logits: list[torch.Tensor] | None = None
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a sampler's peak-memory window (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_stats(device: torch.device, suffix: str = "") -> dict[str, int]:
+    """``peak_cuda_bytes{suffix}`` since :func:`reset_peak_memory` on CUDA; nothing elsewhere."""
+    return {f"peak_cuda_bytes{suffix}": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
+
+
 def decode_images(vqvae: VQVAE, f_hat: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """Images in [0, 1] (B, 3, H, W) from f_hat, ``chunk`` at a time: at large batch the VAE's
     full-resolution activations, not the transformer, would otherwise set the peak memory."""
@@ -225,7 +236,6 @@ class VARSampler:
     """
 
     name = "var"
-    decode_chunk = 64
 
     def __init__(
         self,
@@ -258,8 +268,7 @@ class VARSampler:
     ) -> DecodeState:
         """Validate labels, seed the generator and start with an empty f_hat (and a fresh CUDA peak)."""
         device = next(self.model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         if self.gumbel and seed is None:
             raise ValueError("Gumbel-max sampling needs a seed (the noise is keyed by it); pass seed=...")
         if generator is None and seed is not None:
@@ -317,13 +326,12 @@ class VARSampler:
     def finish(self, state: DecodeState, decode: bool = True, **stats) -> SampleOutput:
         """Decode f_hat to images in [0, 1]; stats gain the pass count and, on CUDA, the peak memory.
 
-        ``decode=False`` leaves ``images`` None (token-only timing).  The VAE runs in chunks of
-        ``decode_chunk`` images (see :func:`decode_images`).
+        ``decode=False`` leaves ``images`` None (token-only timing).  The VAE runs in chunks
+        (see :func:`decode_images`).
         """
-        images = decode_images(self.vqvae, state.f_hat, self.decode_chunk) if decode else None
+        images = decode_images(self.vqvae, state.f_hat) if decode else None
         stats.setdefault("passes", state.passes)
-        if state.f_hat.device.type == "cuda":
-            stats["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(state.f_hat.device)
+        stats.update(peak_memory_stats(state.f_hat.device))
         return SampleOutput(images, state.indices, state.f_hat, stats, state.guided_logits)
 
     # -- the whole loop ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from var.models.var import VAR
-from var.sample.base import KVPolicy, SampleOutput, ScaleRunner, VARSampler, kv_stats
+from var.sample.base import KVPolicy, SampleOutput, ScaleRunner, VARSampler, kv_stats, peak_memory_stats
 from var.sample.logits import SamplingSettings
 from var.tokenizers.vqvae import VQVAE
 
@@ -108,8 +108,7 @@ class CoDeSampler(VARSampler):
         stats.update(kv_stats(drafter.cache, "_drafter"))
         del drafter  # frees the drafter's cache before the refiner allocates its own
         stats["seconds_drafter"] = _now(device) - started
-        if device.type == "cuda":
-            stats["peak_cuda_bytes_drafter"] = torch.cuda.max_memory_allocated(device)
+        stats.update(peak_memory_stats(device, "_drafter"))
 
         started = _now(device)
         if split < self.num_scales:

@@ -32,7 +32,7 @@ class SamplingSettings:
         """Per-scale lists must give one value per scale of the model (caught before any sampling)."""
         for name in ("top_k", "top_p", "temperature"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) and len(value) not in (1, num_scales):
+            if not isinstance(value, (int, float)) and len(value) != num_scales:
                 raise ValueError(
                     f"{name} has {len(value)} values but this model has {num_scales} scales: give one value, "
                     f"or one per scale"
@@ -50,8 +50,6 @@ class SamplingSettings:
 def _per_scale(value, scale_index: int, name: str):
     if isinstance(value, (int, float)):
         return value
-    if len(value) == 1:
-        return value[0]
     if scale_index >= len(value):
         raise ValueError(f"{name} has {len(value)} per-scale values but scale {scale_index} was requested")
     return value[scale_index]
