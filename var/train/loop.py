@@ -40,9 +40,12 @@ FP16_MAX_SCALE = 2.0**15
 
 
 def cap_loss_scale(scaler: torch.amp.GradScaler | None, max_scale: float = FP16_MAX_SCALE) -> None:
-    """Reset the fp16 loss scale to ``max_scale`` when it has grown past it (as the official trainer does)."""
-    if scaler is not None and scaler.is_enabled() and scaler.get_scale() > max_scale:
-        scaler.update(max_scale)
+    """Reset the fp16 loss scale to ``max_scale`` when it has grown past it (as the official trainer does).
+
+    The clamp stays on the device: reading the scale (``get_scale``) would sync the host every step.
+    """
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(scaler._get_scale_async().clamp(max=max_scale))
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
