@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from var.checkpoints import atomic_write
+from var.checkpoints import atomic_savez
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -59,12 +59,7 @@ def save_npz_samples(path: str | os.PathLike, samples: Samples) -> None:
     arrays = {"arr_0": samples.images.permute(0, 2, 3, 1).contiguous().numpy()}
     if samples.labels is not None:
         arrays["labels"] = samples.labels.numpy().astype(np.int64)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:  # a handle, so numpy does not append '.npz' to the temporary name
-            np.savez(handle, **arrays)
-
-    atomic_write(path, write)
+    atomic_savez(path, **arrays)
 
 
 def save_pngs(directory: str | os.PathLike, samples: Samples) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from var.checkpoints import atomic_write
+from var.checkpoints import atomic_savez, atomic_write
 from var.config import ConfigError
 from var.data import DigitsDataset, ShapesDataset
 from var.data.imagefolder import ImageFolderDataset, official_transform
@@ -115,6 +115,7 @@ class ReferenceSource:
     spec: str
     kind: str  # "stats" | "images" | "folder" | "dataset" | "config"
     has_images: bool
+    config: tuple[DataConfig, str] | None = None  # a config reference's data section and split
 
     @classmethod
     def parse(cls, spec: str) -> ReferenceSource:
@@ -122,8 +123,7 @@ class ReferenceSource:
         if spec in DATASETS:
             return cls(spec, "dataset", True)
         if _is_config(spec):
-            _config_data(spec)
-            return cls(spec, "config", True)
+            return cls(spec, "config", True, _config_data(spec))
         if path.is_dir():
             return cls(spec, "folder", True)
         if path.suffix == ".npz":
@@ -151,7 +151,7 @@ class ReferenceSource:
         if self.kind == "dataset":
             return f"{self.spec}@{image_size}"
         if self.kind == "config":
-            data, split = _config_data(self.spec)
+            data, split = self.config
             settings = {**vars(data), "num_workers": None, "hflip": None, "image_size": image_size, "split": split}
             if data.name == "imagefolder":
                 settings["root"] = _folder_listing(data.root, (p for p, _ in self._config_dataset(image_size).samples))
@@ -161,7 +161,7 @@ class ReferenceSource:
         return f"npz:{sha256_of(self.spec)}"
 
     def _config_dataset(self, image_size: int) -> Dataset:
-        data, split = _config_data(self.spec)
+        data, split = self.config
         if data.name == "imagefolder":  # centre crops, no flips, on either split: reference pixels must not vary
             return ImageFolderDataset(data.root, split, transform=official_transform(image_size, train=False))
         return build_dataset(DataConfig(**{**vars(data), "image_size": image_size}), split)
@@ -195,12 +195,7 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, extractor: FeatureE
     """Write mu/sigma (usable as ``--ref``) tagged with the extractor, its weights' sha256, the layer and N."""
     arrays = dict(mu=stats.mu, sigma=stats.sigma, count=stats.count or 0, extractor=extractor.name,
                   weights_sha256=extractor.weights.sha256 or "", layer=layer)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-
-    atomic_write(path, write)
+    atomic_savez(path, **arrays)
 
 
 def reference_features(

@@ -13,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from var.data.digits import DigitsDataset
 from var.eval.classifier import class_consistency, train_digit_classifier
+from var.eval.images import Samples, save_npz_samples
 from var.pipeline import load_pair
 from var.sample.base import VARSampler
 from var.sample.cli import sample_in_batches
@@ -88,7 +88,7 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
     out.mkdir(parents=True, exist_ok=True)
     per_class = images.view(model.num_classes, demo.per_class, *images.shape[1:])[:, : demo.grid_per_class]
     save_grid(per_class.flatten(0, 1), out / "grid.png", nrow=demo.grid_per_class)
-    np.savez(out / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+    save_npz_samples(out / "samples.npz", Samples(images, labels))
     report = {
         "wall_seconds": time.perf_counter() - wall_start,
         "cpu_seconds": time.process_time() - cpu_start,
