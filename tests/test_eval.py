@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_pair
+from conftest import make_tiny_pair, tiny_vqvae_config
 from torch_fidelity import calculate_metrics
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
@@ -36,6 +36,8 @@ from var.eval.fidelity import (
 from var.eval.images import ImageFolder, Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 from var.eval.reference import ReferenceSource
+from var.models.ar import ARConfig, RasterAR
+from var.tokenizers.vqvae import VQVAE
 from var.utils import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +310,7 @@ def test_missing_inception_weights_fail_before_any_sampling(tiny_bundle, monkeyp
         raise AssertionError("sampling started before the weights were checked")
 
     monkeypatch.setattr("var.eval.cli.generate_samples", no_sampling)
-    monkeypatch.setattr("var.eval.cli.load_pair", no_sampling)
+    monkeypatch.setattr("var.eval.cli.load_models", no_sampling)
     with pytest.raises(SystemExit) as error:
         main(["eval", "--ckpt", str(tiny_bundle), "--ref", "digits"])
     message = str(error.value)
@@ -378,6 +380,18 @@ def test_eval_ckpt_sweep_exports_reports_and_plot(tmp_path, tiny_bundle, capsys)
     main(["sample", "--ckpt", str(tiny_bundle), "--device", "cpu", "--per-class", "2", "--batch-size", "4",
           "--cfg", "3", "--out", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "sampled.npz")])
     assert torch.equal(load_samples(tmp_path / "sampled.npz").images, exported.images)
+
+
+def test_eval_samples_the_raster_ar_for_ar_samplers(tmp_path):
+    torch.manual_seed(0)
+    bundle = tmp_path / "ar_bundle"
+    save_model(VQVAE(tiny_vqvae_config(patch_nums=(4,))), bundle)
+    save_model(RasterAR(ARConfig(depth=1, width=32, num_heads=2, vocab_size=16, num_classes=3, side=4)), bundle)
+    for sampler in ("ar", "sjd"):
+        out = tmp_path / sampler
+        main(["eval", "--ckpt", str(bundle), "--sampler", sampler, "--device", "cpu", "--per-class", "2",
+              "--no-metrics", "--no-progress", "--out", str(out)])
+        assert load_samples(out / "samples.npz").labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_sharded_sampling_over_two_processes_matches_one(tmp_path, tiny_bundle):

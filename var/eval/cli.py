@@ -26,8 +26,13 @@ from var.eval.generate import class_balanced_labels, generate_samples, process_s
 from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
-from var.pipeline import load_pair
-from var.sample.cli import add_model_arguments, add_sampling_arguments, sampler_options_from_args, settings_from_args
+from var.sample.cli import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_models,
+    sampler_options_from_args,
+    settings_from_args,
+)
 from var.sample.registry import SAMPLER_NAMES, build_sampler
 
 # settings --sweep can vary: name -> type of one value; the per-scale ones are lists in the parsed args
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
             export_and_evaluate(load_samples(args.samples), evaluator, out, args, {"samples": args.samples})
         return
 
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    vqvae, model = load_models(args, device)
     labels = class_balanced_labels(model.num_classes, args.per_class)
     name, values = sweep if sweep else (None, [None])
     results = []

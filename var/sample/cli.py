@@ -172,11 +172,18 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+def load_models(args: argparse.Namespace, device: torch.device) -> tuple:
+    """(tokenizer, transformer) named by the model arguments: the transformer --sampler decodes (VAR, or the
+    raster AR for 'ar'/'sjd'), compiled when --compile is given."""
     vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, var_name=model_name_for(args.sampler))
     if args.compile:
         compile_for_sampling(model, vqvae, args.compile)
+    return vqvae, model
+
+
+def run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    vqvae, model = load_models(args, device)
     options = sampler_options_from_args(args, device)
     sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **options)
     if args.labels is not None:
