@@ -8,7 +8,8 @@ Accepted sources:
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
 * the official ``.pth`` files, given as ``vae=`` and ``var=``.
 
-A transformer alone (CoDe's refiner) comes from :func:`load_var`, from either kind of source.
+One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) comes from
+:func:`load_one`, from either kind of source.
 """
 
 from __future__ import annotations
@@ -71,8 +72,18 @@ def load_pair(
     return vqvae.to(device).eval(), model.to(device).eval()
 
 
-def load_var(path: str | os.PathLike, device: str | torch.device = "cpu") -> VAR:
-    """One VAR transformer from a bundle/run directory or an official-format ``.pth`` state dict."""
+OFFICIAL_LOADERS = {"var": load_official_var, "vqvae": load_official_vqvae}
+
+
+def load_one(path: str | os.PathLike, name: str = "var", device: str | torch.device = "cpu"
+             ) -> VAR | RasterAR | VQVAE:
+    """Model ``name`` (var, ar, vqvae) from a bundle/run directory or, for VAR and the VQ-VAE, an
+    official-format ``.pth`` file; in eval mode on ``device``."""
     path = Path(path)
-    model = load_official_var(path) if path.is_file() else load_model(resolve_bundle(path), "var")
+    if path.is_file():
+        if name not in OFFICIAL_LOADERS:
+            raise ValueError(f"{path}: official checkpoint files hold VAR or VQ-VAE models, not '{name}'")
+        model = OFFICIAL_LOADERS[name](path)
+    else:
+        model = load_model(resolve_bundle(path, name), name)
     return model.to(device).eval()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from var.pipeline import load_pair, load_var
+from var.pipeline import load_one, load_pair
 from var.sample.logits import SamplingSettings
 from var.sample.registry import SAMPLER_NAMES, build_sampler, model_name_for, sampler_options
 from var.sample.scalekv import SCORINGS
@@ -109,7 +109,7 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
         verb = "does" if len(stray) == 1 else "do"
         raise ValueError(f"{', '.join(stray)} {verb} not apply to --sampler {args.sampler}")
     if "refiner" in given:
-        given["refiner"] = load_var(given["refiner"], device)
+        given["refiner"] = load_one(given["refiner"], "var", device)
     return given
 
 

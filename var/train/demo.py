@@ -17,6 +17,7 @@ import torch
 
 from var.data.digits import DigitsDataset
 from var.eval.classifier import class_consistency, train_digit_classifier
+from var.eval.generate import class_balanced_labels
 from var.eval.images import Samples, save_npz_samples
 from var.pipeline import load_pair
 from var.sample.base import VARSampler
@@ -79,7 +80,7 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
     judge_accuracy = class_consistency(classifier, held_out.images, held_out.labels)
     vqvae, model = load_pair(var_run)
     sampler = VARSampler(model, vqvae, experiment.sample)
-    labels = torch.arange(model.num_classes).repeat_interleave(demo.per_class)
+    labels = class_balanced_labels(model.num_classes, demo.per_class)
     images = sample_in_batches(sampler, labels, batch_size=len(labels), seed=demo.seed,
                                device=torch.device("cpu"), dtype="fp32", progress=progress)  # uint8 (N, 3, H, W)
     consistency = class_consistency(classifier, images.float() / 127.5 - 1, labels)

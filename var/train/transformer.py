@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae, save_model
+from var.checkpoints import check_pair, save_model
 from var.data.registry import build_dataset
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig
-from var.pipeline import resolve_bundle
+from var.pipeline import load_one
 from var.sample.ar import ARSampler
 from var.sample.base import VARSampler
+from var.sample.code import check_refiner
 from var.tokenizers.vqvae import VQVAE
 from var.train.config import ExperimentConfig, TransformerConfig, TransformerLossConfig
 from var.train.data import TokenizedDataset
@@ -45,15 +46,6 @@ MODEL_KINDS = ("var", "ar")
 GRID_CLASSES, GRID_PER_CLASS = 10, 8
 _ARCH_KEYS = ("depth", "width", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate",
               "cond_drop_rate", "attn_l2_norm")
-
-
-def load_trained_model(source: str | Path, kind: str = "var") -> VAR | RasterAR:
-    """A model from a run or bundle directory, or an official VAR ``.pth`` file (e.g. var_d30.pth)."""
-    if Path(source).is_file():
-        if kind != "var":
-            raise ValueError(f"{source}: official checkpoint files hold VAR models, not '{kind}'")
-        return load_official_var(source)
-    return load_model(resolve_bundle(source, kind), kind)
 
 
 def progressive_stage(step: int, total_steps: int, warmup: int, loss: TransformerLossConfig, num_scales: int
@@ -170,12 +162,7 @@ class TransformerTrainer(Trainer):
 
     def load_tokenizer(self) -> VQVAE:
         """From a run / bundle directory, or an official ``vae_ch160v4096z32.pth`` file."""
-        source = Path(self.tokenizer_source)
-        if source.is_file():
-            tokenizer = load_official_vqvae(source)
-        else:
-            tokenizer = load_model(resolve_bundle(source, "vqvae"), "vqvae")
-        return tokenizer.to(self.device).eval().requires_grad_(False)
+        return load_one(self.tokenizer_source, "vqvae", self.device).requires_grad_(False)
 
     @torch.no_grad()
     def single_scale_view(self, tokenizer: VQVAE) -> VQVAE:
@@ -213,7 +200,7 @@ class TransformerTrainer(Trainer):
 
     def build_model(self) -> VAR | RasterAR:
         if self.recipe.base:
-            model = load_trained_model(self.recipe.base, self.kind)
+            model = load_one(self.recipe.base, self.kind)
             self.say(f"starting from {self.recipe.base}")
         else:
             arch = self.stage.model
@@ -232,15 +219,9 @@ class TransformerTrainer(Trainer):
         return model.to(self.device).train()
 
     def load_teacher(self, student: VAR) -> VAR:
-        teacher = load_trained_model(self.recipe.teacher, "var")
-        mismatched = [
-            f"{key} {getattr(teacher.config, key)} vs student {getattr(student.config, key)}"
-            for key in ("vocab_size", "z_channels", "patch_nums", "num_classes")
-            if getattr(teacher.config, key) != getattr(student.config, key)
-        ]
-        if mismatched:
-            raise ValueError("the refiner must share the teacher's token space: " + "; ".join(mismatched))
-        return teacher.to(self.device).eval().requires_grad_(False)
+        teacher = load_one(self.recipe.teacher, "var", self.device).requires_grad_(False)
+        check_refiner(teacher, student)  # the student refines what the teacher would: same token space
+        return teacher
 
     def base_token_weights(self, model: VAR | RasterAR) -> torch.Tensor:
         if self.kind == "ar":
@@ -327,8 +308,7 @@ class TransformerTrainer(Trainer):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and frozen-teacher logits for the same (label-dropped) conditions."""
         student = self.unwrap(self.model)
-        drop = torch.rand(labels.shape[0], device=labels.device) < student.config.cond_drop_rate
-        labels = torch.where(drop, student.num_classes, labels)
+        labels = student.drop_labels(labels)  # the model is in train mode here
         with labels_as_given(student):
             logits = self.model(labels, features, num_scales=num_scales)
         with torch.no_grad(), self.accelerator.autocast():
