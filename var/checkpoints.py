@@ -126,7 +126,7 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and safetensors errors all mean the same to the user
-        reason = str(error).strip().split(". ")[0].splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:160]
         raise ValueError(
             f"cannot read {path} as a checkpoint ({reason}); the file is damaged or not a PyTorch/safetensors "
             "state dict: download or copy it again"
