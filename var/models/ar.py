@@ -4,75 +4,66 @@ The sequence is the tokenizer's single-scale token map (side x side tokens, row-
 start token built from the class embedding.  Position l predicts token l from the start token and tokens
 < l (causal mask).  It reuses the VAR blocks (AdaLN conditioning on the class, l2-normalised attention,
 the shared KV cache), so the only differences from VAR are the ordering and the discrete token input.
-This is the model speculative Jacobi decoding accelerates (var/sample/sjd.py).
+This is the model speculative Jacobi decoding accelerates (var/sample/speculative/sjd.py).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from var.models.var import ConditionalTransformer, VARConfig, block_causal_mask
+from var.models.kv_cache import KVCache
+from var.models.var import ConditionalTransformer, TransformerConfig, block_causal_mask
 
 
 @dataclass
-class ARConfig:
+class ARConfig(TransformerConfig):
     """Every constructor argument of :class:`RasterAR`; saved beside each checkpoint as JSON."""
 
-    depth: int = 16
-    width: int | None = None
-    num_heads: int | None = None
     vocab_size: int = 4096
     num_classes: int = 1000
     side: int = 16  # the token map is side x side
-    mlp_ratio: float = 4.0
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float | None = None
-    norm_eps: float = 1e-6
-    cond_drop_rate: float = 0.1
-    attn_l2_norm: bool = True
-
-    def __post_init__(self) -> None:
-        self.width = self.width or 64 * self.depth
-        self.num_heads = self.num_heads or self.depth
-        if self.drop_path_rate is None:
-            self.drop_path_rate = 0.1 * self.depth / 24
 
     @property
     def seq_len(self) -> int:
         return self.side * self.side
 
-    def block_config(self) -> VARConfig:
-        """The VAR block hyper-parameters these blocks are built from."""
-        return VARConfig(
-            depth=self.depth, width=self.width, num_heads=self.num_heads, vocab_size=self.vocab_size,
-            num_classes=self.num_classes, patch_nums=(self.side,), mlp_ratio=self.mlp_ratio,
-            drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate, drop_path_rate=self.drop_path_rate,
-            norm_eps=self.norm_eps, cond_drop_rate=self.cond_drop_rate, attn_l2_norm=self.attn_l2_norm,
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class RasterAR(ConditionalTransformer):
-    """Class-conditional raster-order token transformer (label ``num_classes`` = null class)."""
+    """Class-conditional raster-order token transformer (label ``num_classes`` = null class).
+
+    A :class:`~var.models.family.RasterModel` with one condition position (T = 1): the start token.
+    """
+
+    sampling_rule = "raster-ar"
+    position_parameters = ("pos_embed",)
 
     def __init__(self, cfg: ARConfig | None = None, **overrides):
-        super().__init__()
         cfg = cfg or ARConfig(**overrides)
-        self.config = cfg
-        width = cfg.width
-        self._build_stack(cfg.block_config())
-        self.token_embed = nn.Embedding(cfg.vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, width))
+        super().__init__(cfg)
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, cfg.width))
         self.register_buffer("positions", torch.arange(cfg.seq_len), persistent=False)
         self.init_weights()
-        nn.init.trunc_normal_(self.pos_embed, std=math.sqrt(1 / width / 3))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.side, self.config.side
+
+    def condition_length(self, cond: torch.Tensor) -> int:
+        return 1
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise a ValueError when the tokenizer's single-scale latent does not hold this model's token map."""
+        problems = []
+        if tokenizer.config.vocab_size != self.config.vocab_size:
+            problems.append(f"vocab_size {tokenizer.config.vocab_size} vs {self.config.vocab_size}")
+        if self.config.side != tokenizer.patch_nums[-1]:
+            problems.append(f"latent side {tokenizer.patch_nums[-1]} vs the AR's token map side {self.config.side}")
+        if problems:
+            raise ValueError("tokenizer and transformer do not match: " + "; ".join(problems))
 
     def input_tokens(self, cond: torch.Tensor, tokens: torch.Tensor | None, begin: int) -> torch.Tensor:
         """Embedded inputs of positions begin.. : the start token at position 0, then embed(previous token).
@@ -93,6 +84,12 @@ class RasterAR(ConditionalTransformer):
         x = self.token_embed(tokens)
         x = torch.where((positions == 0).unsqueeze(-1), cond.unsqueeze(1).to(x.dtype), x)
         return x + self.pos_embed[0, positions]
+
+    def forward_positions(self, cond: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                          cache: KVCache | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (rows, n, C) of inputs at absolute positions (rows, n), over the cache
+        (:class:`~var.models.family.RasterModel`; position 0 is the start token)."""
+        return self.forward_hidden(self.inputs_at(cond, tokens, positions), cond, attn_mask, cache)
 
     def causal_mask(self, begin: int, count: int, cached_tokens: int) -> torch.Tensor | None:
         """Causal mask for ``count`` new positions starting at ``begin`` on top of the cached ones."""

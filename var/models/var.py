@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from var.models.family import Conditions, ScaleSchedule
 from var.models.kv_cache import KVCache
 
 MAX_LOG_TEMPERATURE = math.log(100)
 
 
 @dataclass
-class VARConfig:
-    """Every constructor argument of :class:`VAR`; saved beside each checkpoint as JSON.
+class TransformerConfig:
+    """Architecture of the AdaLN transformer blocks shared by VAR, the raster AR baseline and training configs.
 
     ``width``, ``num_heads`` and ``drop_path_rate`` default to the official depth rule: width 64*depth,
     depth heads of 64 dims, drop path 0.1*depth/24.
@@ -38,10 +39,6 @@ class VARConfig:
     depth: int = 16
     width: int | None = None
     num_heads: int | None = None
-    vocab_size: int = 4096
-    z_channels: int = 32
-    num_classes: int = 1000
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     mlp_ratio: float = 4.0
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
@@ -52,7 +49,6 @@ class VARConfig:
     attn_l2_norm: bool = True
 
     def __post_init__(self) -> None:
-        self.patch_nums = tuple(int(p) for p in self.patch_nums)
         if self.width is None:
             self.width = 64 * self.depth
         if self.num_heads is None:
@@ -61,8 +57,29 @@ class VARConfig:
             self.drop_path_rate = 0.1 * self.depth / 24
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VARConfig(TransformerConfig):
+    """Every constructor argument of :class:`VAR`; saved beside each checkpoint as JSON."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32
+    num_classes: int = 1000
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.patch_nums = tuple(int(p) for p in self.patch_nums)
         if list(self.patch_nums) != sorted(set(self.patch_nums)):
             raise ValueError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
+
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return ScaleSchedule.square(self.patch_nums)
 
     @property
     def num_scales(self) -> int:
@@ -70,23 +87,16 @@ class VARConfig:
 
     @property
     def tokens_per_scale(self) -> list[int]:
-        return [pn * pn for pn in self.patch_nums]
+        return self.schedule.tokens
 
     @property
     def seq_len(self) -> int:
-        return sum(self.tokens_per_scale)
+        return self.schedule.length
 
     @property
     def scale_bounds(self) -> list[tuple[int, int]]:
         """(begin, end) token range of every scale in the full sequence."""
-        bounds, begin = [], 0
-        for n in self.tokens_per_scale:
-            bounds.append((begin, begin + n))
-            begin += n
-        return bounds
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return self.schedule.bounds
 
 
 class SelfAttention(nn.Module):
@@ -158,7 +168,7 @@ class AdaLNBlock(nn.Module):
     learned per-block offset.
     """
 
-    def __init__(self, cfg: VARConfig, drop_path: float):
+    def __init__(self, cfg: TransformerConfig, drop_path: float):
         super().__init__()
         width = cfg.width
         self.width = width
@@ -168,7 +178,7 @@ class AdaLNBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.shared_aln = cfg.shared_aln
         if cfg.shared_aln:
-            self.modulation_offset = nn.Parameter(torch.randn(1, 1, 6, width) / math.sqrt(width))
+            self.modulation_offset = nn.Parameter(torch.empty(1, 1, 6, width))  # drawn by init_weights
         else:
             self.modulation = nn.Linear(width, 6 * width)
 
@@ -216,9 +226,15 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
 
 class ConditionalTransformer(nn.Module):
     """What VAR and the raster AR baseline share: a class embedding with a null class (index
-    ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, and the AdaLN head."""
+    ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, the AdaLN head, the official
+    initialisation and the class conditions of var/models/family.py."""
 
-    def _build_stack(self, cfg: VARConfig) -> None:
+    position_parameters: tuple[str, ...] = ()  # learned position tables, drawn with std sqrt(1 / (3 width))
+
+    def __init__(self, cfg: TransformerConfig):
+        """The stack of a config with ``vocab_size`` and ``num_classes`` besides the block architecture."""
+        super().__init__()
+        self.config = cfg
         width = cfg.width
         self.num_classes = cfg.num_classes
         self.class_embed = nn.Embedding(cfg.num_classes + 1, width)
@@ -227,6 +243,14 @@ class ConditionalTransformer(nn.Module):
         self.blocks = nn.ModuleList([AdaLNBlock(cfg, drop_paths[i]) for i in range(cfg.depth)])
         self.head_norm = AdaLNHead(width, cfg.vocab_size, cfg.norm_eps)
         self.head = nn.Linear(width, cfg.vocab_size)
+
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     @torch.no_grad()
     def init_weights(
@@ -237,10 +261,16 @@ class ConditionalTransformer(nn.Module):
         init_std: float = -1,
     ) -> None:
         """The official initialisation (spec_var.md 2.9): truncated normal linears/embeddings, small AdaLN
-        gates and head, residual projections scaled down with depth."""
+        gates and head, residual projections scaled down with depth.
+
+        Every parameter is (re)drawn or reset here, in a fixed order, so the weights depend only on the
+        global RNG state when this runs: the constructors call it, and building a model after
+        ``torch.manual_seed(s)`` gives the same weights in every process.
+        """
         width, depth = self.config.width, self.config.depth
+        position_std = math.sqrt(1 / width / 3)
         if init_std < 0:
-            init_std = math.sqrt(1 / width / 3)
+            init_std = position_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=init_std)
@@ -248,12 +278,20 @@ class ConditionalTransformer(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
                 nn.init.trunc_normal_(module.weight, std=init_std)
+            elif isinstance(module, SelfAttention):
+                module.q_bias.zero_()
+                module.v_bias.zero_()
+                if module.l2_norm:
+                    module.log_temperature.fill_(math.log(4.0))
+        for name in self.position_parameters:
+            nn.init.trunc_normal_(getattr(self, name), std=position_std)
         self.head.weight.mul_(init_head)
         self.head_norm.modulation.weight.mul_(init_adaln)
         for block in self.blocks:
             block.attn.proj.weight.div_(math.sqrt(2 * depth))
             block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
             if self.shared_modulation is not None:
+                block.modulation_offset.normal_().div_(math.sqrt(width))
                 block.modulation_offset[:, :, 2:].mul_(init_adaln)
                 block.modulation_offset[:, :, :2].mul_(init_adaln_gamma)
             else:
@@ -280,6 +318,41 @@ class ConditionalTransformer(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.config.cond_drop_rate
             labels = torch.where(drop, self.num_classes, labels)
         return labels
+
+    # -- class conditions for samplers (var/models/family.py) ---------------------------------------------
+    def resolve_conditions(
+        self,
+        labels: torch.Tensor | Sequence[int] | int | None,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Validated class labels (B,) on the model's device; -1 becomes the null class, None draws
+        ``batch_size`` labels uniformly with ``generator``, one int is repeated ``batch_size`` times."""
+        device = self.class_embed.weight.device
+        if labels is None:
+            if batch_size is None:
+                raise ValueError("pass labels or batch_size")
+            uniform = torch.ones(self.num_classes, device=device)
+            return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
+        if isinstance(labels, int):
+            labels = [labels] * (batch_size or 1)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"label {int(labels[bad][0])} is out of range: this model has {self.num_classes} classes "
+                f"(0..{self.num_classes - 1}; -1 samples unconditionally)"
+            )
+        return torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)  # -1: the null class
+
+    def condition_batch_size(self, labels: Conditions) -> int:
+        return labels.shape[0]
+
+    def condition(self, labels: Conditions, guided: bool) -> torch.Tensor:
+        """Class embeddings (rows, C): the labels, then (``guided``) as many null-class rows."""
+        if guided:
+            labels = torch.cat((labels, torch.full_like(labels, self.num_classes)))
+        return self.class_condition(labels)
 
     def forward_hidden(
         self,
@@ -315,23 +388,37 @@ class VAR(ConditionalTransformer):
     is the null (unconditional) class used for classifier-free guidance and label dropout.
     """
 
+    sampling_rule = "var"
+    position_parameters = ("pos_start", "pos_embed")
+    draws_per_token = 1
+
     def __init__(self, cfg: VARConfig | None = None, **overrides):
-        super().__init__()
         cfg = cfg or VARConfig(**overrides)
-        self.config = cfg
+        super().__init__(cfg)
         width = cfg.width
-        init_std = math.sqrt(1 / width / 3)
-        self._build_stack(cfg)
         self.word_embed = nn.Linear(cfg.z_channels, width)
         self.pos_start = nn.Parameter(torch.empty(1, cfg.patch_nums[0] ** 2, width))
         self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, width))
         self.level_embed = nn.Embedding(cfg.num_scales, width)
-        for tensor in (self.class_embed.weight, self.pos_start, self.pos_embed, self.level_embed.weight):
-            nn.init.trunc_normal_(tensor, mean=0, std=init_std)
-
         scale_of_token = torch.cat([torch.full((n,), si) for si, n in enumerate(cfg.tokens_per_scale)])
         self.register_buffer("scale_of_token", scale_of_token, persistent=False)  # (L,)
+        self.init_weights()
 
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return self.config.schedule
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise a ValueError when a VQ-VAE cannot decode this VAR's tokens (vocabulary, channels, scales)."""
+        problems = []
+        if tokenizer.config.vocab_size != self.config.vocab_size:
+            problems.append(f"vocab_size {tokenizer.config.vocab_size} vs {self.config.vocab_size}")
+        if tokenizer.config.z_channels != self.config.z_channels:
+            problems.append(f"z_channels {tokenizer.config.z_channels} vs {self.config.z_channels}")
+        if tuple(tokenizer.patch_nums) != tuple(self.config.patch_nums):
+            problems.append(f"patch_nums {tokenizer.patch_nums} vs {self.config.patch_nums}")
+        if problems:
+            raise ValueError("tokenizer and transformer do not match: " + "; ".join(problems))
 
     # ----------------------------------------------------------------------------------------------
     # inputs and masks (the blocks, head and initialisation are ConditionalTransformer's)
@@ -366,6 +453,15 @@ class VAR(ConditionalTransformer):
         key_scales = torch.cat((torch.full_like(query_scales[:1], -1).expand(cached_tokens), query_scales))
         return block_causal_mask(query_scales, key_scales)
 
+    def forward_scales(
+        self, cond: torch.Tensor, first: int, last: int, inputs: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """One block-causal pass over scales first..last on top of the cached earlier scales
+        (:class:`~var.models.family.ScaleModel`); returns hidden states (rows, tokens of first..last, C)."""
+        x = self.input_tokens(cond, inputs, self.config.scale_bounds[first][0])
+        mask = self.scale_mask(first, last, cache.length if cache is not None else 0)
+        return self.forward_hidden(x, cond, attn_mask=mask, cache=cache)
+
     # ----------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -395,10 +491,12 @@ class VAR(ConditionalTransformer):
 
 
 def build_var(depth: int, **overrides) -> VAR:
-    """A VAR with the official size rule and initialisation for ``depth`` (16, 20, 24, 30, 36, ...)."""
+    """A VAR with the official size rule and initialisation for ``depth`` (16, 20, 24, 30, 36, ...);
+    ``init_*`` overrides go to :meth:`VAR.init_weights`."""
     init_args = {k: overrides.pop(k) for k in list(overrides) if k.startswith("init_")}
     model = VAR(VARConfig(depth=depth, **overrides))
-    model.init_weights(**init_args)
+    if init_args:
+        model.init_weights(**init_args)
     return model
 
 

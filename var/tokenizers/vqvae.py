@@ -318,3 +318,30 @@ class VQVAE(nn.Module):
         """Training pass: (reconstruction (unclamped), vq_loss, per-scale indices)."""
         f_hat, vq_loss, indices = self.quantize(self.encode_latent(images))
         return self.decoder(self.post_quant_conv(f_hat)), vq_loss, indices
+
+    # -- what samplers ask of a tokenizer (var/models/family.py: ScaleTokenizer, RasterTokenizer) ----------
+    def empty_latent(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        """f_hat before any scale: zeros (B, Cvae, h, w) in float32."""
+        side = self.patch_nums[-1]
+        return torch.zeros(batch, self.config.z_channels, side, side, device=device)
+
+    def scale_features(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
+        """Codebook features (B, Cvae, pn, pn) of a scale's index map (B, pn*pn)."""
+        return self.quantize.lookup(tokens, self.patch_nums[scale])
+
+    def soft_scale_features(self, weights: torch.Tensor, scale: int) -> torch.Tensor:
+        """Features (B, Cvae, pn, pn) of soft code weights (B, pn*pn, V): the official ``more_smooth`` mixture."""
+        side = self.patch_nums[scale]
+        mixture = weights @ self.quantize.embedding.weight  # (B, pn*pn, Cvae)
+        return mixture.transpose(1, 2).reshape(weights.shape[0], -1, side, side)
+
+    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+        """Add a scale's features to f_hat in place; the next scale's input (area-downsampled f_hat) or None."""
+        return self.quantize.next_input(scale, f_hat, features)[1]
+
+    def tokens_to_latent(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """f_hat of one raster token map (B, h*w) quantised as a single scale (the raster AR baseline)."""
+        height, width = grid
+        if height != width:
+            raise ValueError(f"the VQ-VAE decodes square token maps; got {height}x{width}")
+        return self.quantize.indices_to_fhat([tokens], patch_nums=(height,))
