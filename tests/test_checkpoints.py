@@ -4,7 +4,6 @@ from conftest import make_tiny_pair
 
 from var.checkpoints import (
     load_model,
-    load_official,
     load_official_var,
     load_official_vqvae,
     save_model,
@@ -12,7 +11,8 @@ from var.checkpoints import (
     vqvae_to_official,
 )
 from var.cli import main
-from var.sample.base import VARSampler
+from var.loading import load_official
+from var.sample.scale import VARSampler
 
 
 def test_official_format_round_trip_through_safetensors(tmp_path):

@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -26,6 +24,7 @@ from torch import nn
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig, block_causal_mask, patch_nums_from_tokens
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
+from var.utils import atomic_write
 
 # Buffers that official checkpoints carry but that this implementation derives instead.
 _OFFICIAL_VAR_BUFFERS = re.compile(r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$")
@@ -291,37 +290,9 @@ def load_official_vqvae(source: str | os.PathLike | Mapping[str, torch.Tensor], 
     return model.eval()
 
 
-def load_official(
-    vqvae: str | os.PathLike | Mapping[str, torch.Tensor],
-    var: str | os.PathLike | Mapping[str, torch.Tensor],
-    vqvae_overrides: Mapping | None = None,
-    **var_overrides,
-) -> tuple[VQVAE, VAR]:
-    """Load an official (VQ-VAE, VAR) pair; the tokenizer is set to the transformer's scale schedule.
-
-    ``vqvae_overrides`` sets what the weights cannot tell (e.g. ``norm_groups``, ``using_znorm``).
-    """
-    var_model = load_official_var(var, **var_overrides)
-    vqvae_model = load_official_vqvae(vqvae, **{"patch_nums": var_model.config.patch_nums, **(vqvae_overrides or {})})
-    check_pair(vqvae_model, var_model)
-    return vqvae_model, var_model
-
-
 def check_pair(vqvae: VQVAE, var: VAR | RasterAR) -> None:
     """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster AR baseline) cannot work together."""
-    problems = []
-    if vqvae.config.vocab_size != var.config.vocab_size:
-        problems.append(f"vocab_size {vqvae.config.vocab_size} vs {var.config.vocab_size}")
-    if isinstance(var, RasterAR):  # one token map of the tokenizer's latent size
-        if var.config.side != vqvae.patch_nums[-1]:
-            problems.append(f"latent side {vqvae.patch_nums[-1]} vs the AR's token map side {var.config.side}")
-    else:
-        if vqvae.config.z_channels != var.config.z_channels:
-            problems.append(f"z_channels {vqvae.config.z_channels} vs {var.config.z_channels}")
-        if tuple(vqvae.patch_nums) != tuple(var.config.patch_nums):
-            problems.append(f"patch_nums {vqvae.patch_nums} vs {var.config.patch_nums}")
-    if problems:
-        raise ValueError("tokenizer and transformer do not match: " + "; ".join(problems))
+    var.check_tokenizer(vqvae)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,39 +309,6 @@ def _kind_of(model: nn.Module) -> str:
         if type(model) is model_cls:
             return kind
     raise ValueError(f"no registered checkpoint kind for {type(model).__name__}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_savez(path: str | os.PathLike, **arrays) -> None:
-    """``np.savez`` through :func:`atomic_write` (a file handle, so numpy adds no '.npz' to the temporary name)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-
-    atomic_write(path, write)
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:

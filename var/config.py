@@ -1,9 +1,15 @@
-"""YAML configs backed by dataclasses: typed, validated, overridable from the command line.
+"""YAML configs backed by dataclasses: typed, validated, overridable from the command line; and the schema of
+an experiment config (``configs/*.yaml``).
 
 ``load_config(SomeConfig, "configs/digits.yaml", ["train.lr=1e-3", "model.depth=4"])`` reads the YAML file,
 applies ``key=value`` overrides (dotted keys reach nested dataclasses; values are parsed as YAML), and builds
 the dataclass.  Unknown keys are rejected with the closest valid key suggested, so a typo never silently
 falls back to a default.
+
+One experiment file (:class:`ExperimentConfig`, :func:`load_experiment`) describes a whole experiment: the
+data, the tokenizer stage (``var train-tokenizer``), the transformer stage (``var train``, also used by
+``--model ar``), and the sampler settings used for sample grids and by ``var demo``.  It lives here, not with
+training, because evaluation reads it too (``var eval --ref CONFIG.yaml``).
 """
 
 from __future__ import annotations
@@ -13,10 +19,16 @@ import difflib
 import types
 import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from var.data.registry import DataConfig
+from var.models.var import TransformerConfig
+from var.sample.logits import SamplingSettings
+from var.tokenizers.vqvae import VQVAEConfig
 
 T = TypeVar("T")
 
@@ -142,3 +154,177 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the experiment schema
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules (spec_var 4.2).
+
+    The peak learning rate is ``base_lr * effective_batch / 256`` (effective batch = batch_size x processes x
+    grad_accum) unless ``lr`` is given.  The multiplier warms up linearly from ``warmup_start`` over
+    ``warmup_steps`` (default: 2 % of the run, the official ep/50) and then follows ``schedule``, as the
+    official trainer names them: "lin0" (flat for 5 %, then linear down to ``end_ratio``), "lin" (flat for
+    15 %), "lin00" (linear from the peak), "lin<T>" (two linear pieces meeting at T; progressive VAR training
+    switches the default lin0 to lin<progressive>), "cos", "exp" (flat for 15 %, then exponential), "const".
+    Weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end`` (default: constant).
+    """
+
+    base_lr: float = 1e-4
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None
+    warmup_steps: int | None = None
+    warmup_start: float = 0.005
+    schedule: str = "lin0"
+    end_ratio: float = 0.01
+    grad_clip: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, precision and bookkeeping of one training stage.
+
+    Length is ``steps`` optimizer steps, or ``epochs`` passes over the data when ``steps`` is 0.
+    ``batch_size`` is per process; ``mixed_precision`` is "no", "bf16" or "fp16" (accelerate autocast).
+    ``ema_decay`` > 0 keeps an exponential moving average of the weights and saves it as the model to sample
+    with.  Checkpoints are written every ``checkpoint_every`` steps and at the end; the newest
+    ``keep_checkpoints`` are kept.
+    """
+
+    steps: int = 0
+    epochs: float = 0.0
+    batch_size: int = 64
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"
+    compile: bool = False
+    ema_decay: float = 0.0
+    log_every: int = 50
+    sample_every: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TokenizerLossConfig:
+    """Tokenizer objective: reconstruction + vq (codebook/commitment) + optional perceptual and patch-GAN.
+
+    ``perceptual_weight`` weighs LPIPS (VGG16; its learned heads come from the ``lpips`` package when it is
+    installed, else every channel weighs 1); it switches itself off with a warning when the torchvision VGG16
+    weights are not in the local hub cache.  The patch-GAN
+    discriminator is trained from scratch (hinge loss) from step ``gan_start``.  Codes unused for
+    ``restart_every`` steps are re-initialised from latent vectors of the current batch (0 = never);
+    ``data_init`` sets the whole codebook from the first batch's latents, which keeps small datasets from
+    collapsing onto a handful of codes.
+    """
+
+    reconstruction: str = "l1"
+    reconstruction_weight: float = 1.0
+    vq_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    gan_weight: float = 0.0
+    gan_start: int = 0
+    discriminator_lr: float | None = None
+    data_init: bool = True
+    restart_every: int = 100
+
+
+@dataclass
+class TokenizerStage:
+    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+
+
+@dataclass
+class TransformerModelConfig(TransformerConfig):
+    """The transformer stage's model: the block architecture shared with :class:`~var.models.var.VARConfig`
+    and the raster AR's config, plus the official initialisation (``VAR.init_weights``).
+
+    Vocabulary, latent channels, scale schedule and class count are not set here: they come from the
+    tokenizer and the dataset, so a config cannot contradict them.  Defaults are the official d16 rule.
+    """
+
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-3
+    init_head: float = 0.02
+    init_std: float = -1.0
+
+
+@dataclass
+class TransformerLossConfig:
+    """Cross-entropy options (the official recipe is all defaults).
+
+    ``scale_weights`` (one per scale) reweights the token-averaged loss; ``progressive`` > 0 turns on
+    coarse-to-fine training (spec_var 4.4): the number of trained scales grows from
+    ``progressive_start_scale + 1`` to all by ``progressive`` x the run, and the newest scale's loss ramps in
+    over ``progressive_ramp_steps`` (default: 1/300 of the run).
+    """
+
+    label_smoothing: float = 0.0
+    scale_weights: tuple[float, ...] | None = None
+    progressive: float = 0.0
+    progressive_start_scale: int = 4
+    progressive_ramp_steps: int | None = None
+
+
+@dataclass
+class RecipeConfig:
+    """Fine-tuning recipes (spec_accel 1.6, CoDe).
+
+    * ``standard``: train from scratch (or from ``base``) on all scales.
+    * ``code-drafter``: fine-tune ``base`` with cross-entropy on its own scales < ``draft_steps`` only.
+    * ``code-refiner``: distil the frozen ``teacher``'s logits, per-token KL(teacher/T || student/T) * T^2;
+      stage 1 (the first ``stage1_fraction`` of the run) on all scales, stage 2 with a weight decaying
+      linearly 1 -> 0 on the drafter's scales < ``draft_steps``.  ``kd_alpha`` < 1 mixes in
+      (1 - kd_alpha) x cross-entropy.  The student is ``base`` if given, else a new model from ``model``
+      (it may be smaller than the teacher).
+    """
+
+    name: str = "standard"
+    base: str | None = None
+    teacher: str | None = None
+    draft_steps: int = 0
+    kd_temperature: float = 1.0
+    kd_alpha: float = 1.0
+    stage1_fraction: float = 0.5
+
+
+@dataclass
+class TransformerStage:
+    model: TransformerModelConfig = field(default_factory=TransformerModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: TransformerLossConfig = field(default_factory=TransformerLossConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    tokenizer: str | None = None  # tokenizer run or bundle dir (default: the tokenizer run beside this one)
+    cache_tokens: bool = True  # tokenize a dataset without random augmentation once, not at every step
+
+
+@dataclass
+class DemoConfig:
+    """What ``var demo`` samples, how it judges the samples, and how many CPU threads it uses."""
+
+    per_class: int = 50
+    grid_per_class: int = 10
+    seed: int = 0
+    classifier_epochs: int = 15
+    threads: int = 1  # torch CPU threads (0 = torch's default); see var/train/demo.py
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    var: TransformerStage = field(default_factory=TransformerStage)
+    sample: SamplingSettings = field(default_factory=SamplingSettings)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment config (or the defaults) with ``section.key=value`` overrides."""
+    return load_config(ExperimentConfig, path, overrides)

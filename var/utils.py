@@ -1,10 +1,17 @@
-"""Small helpers shared across the package: devices, precision, image conversion, seeding."""
+"""Small helpers shared across the package: devices, precision, image conversion, seeding, atomic writes.
+
+Library code raises exceptions (ValueError, FileNotFoundError) with one clear line; ``var.cli.main`` turns them
+into the command's error message.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +25,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"device '{name}' requested but CUDA is not available here; use --device cpu")
+        raise ValueError(f"device '{name}' requested but CUDA is not available here; use --device cpu")
     return device
 
 
@@ -29,7 +36,7 @@ def autocast(device: torch.device, dtype: str = "fp32") -> contextlib.AbstractCo
     if dtype == "fp32":
         return contextlib.nullcontext()
     if device.type == "cpu" and dtype == "fp16":
-        raise SystemExit("fp16 autocast is not supported on CPU; use --dtype bf16 or fp32")
+        raise ValueError("fp16 autocast is not supported on CPU; use --dtype bf16 or fp32")
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
@@ -71,3 +78,36 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding:
     if factor > 1:
         images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     save_image(make_grid(images, nrow=nrow, padding=padding, pad_value=1.0), path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> None:
+    """``np.savez`` through :func:`atomic_write` (a file handle, so numpy adds no '.npz' to the temporary name)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)

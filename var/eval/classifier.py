@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from var.checkpoints import atomic_write
 from var.data.digits import DigitsDataset
+from var.utils import atomic_write
 
 
 class DigitClassifier(nn.Module):

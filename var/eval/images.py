@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from var.checkpoints import atomic_savez
+from var.utils import atomic_savez
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

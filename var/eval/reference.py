@@ -28,15 +28,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from var.checkpoints import atomic_savez, atomic_write
-from var.config import ConfigError
+from var.config import ConfigError, load_experiment
 from var.data import DigitsDataset, ShapesDataset
 from var.data.imagefolder import ImageFolderDataset, official_transform
 from var.data.registry import SPLITS, DataConfig, build_dataset
 from var.eval.fidelity import FeatureExtractor, eval_cache_dir, sha256_of
 from var.eval.images import ImageFolder, load_npz_samples
 from var.eval.metrics import FeatureStats
-from var.utils import to_uint8
+from var.utils import atomic_savez, atomic_write, to_uint8
 
 SHAPES_REFERENCE_SIZE = 2000
 DATASETS = {
@@ -76,8 +75,6 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 
 def _config_data(spec: str) -> tuple[DataConfig, str]:
     """The ``data:`` section and split of a ``CONFIG.yaml[:split]`` reference (the whole config is validated)."""
-    from var.train.config import load_experiment  # the experiment schema lives with training
-
     path, _, split = spec.rpartition(":") if not spec.endswith(CONFIG_SUFFIXES) else (spec, "", "")
     split = split or "train"
     if split not in SPLITS:

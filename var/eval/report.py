@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from var.checkpoints import atomic_write
+from var.utils import atomic_write
 
 PLOTTED_METRICS = ("fid", "is", "kid", "precision", "recall", "class_consistency")
 

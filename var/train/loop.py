@@ -25,8 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from var.checkpoints import strict_load
-from var.config import save_config, to_dict
-from var.train.config import ExperimentConfig, TrainConfig
+from var.config import ExperimentConfig, TrainConfig, save_config, to_dict
 from var.train.data import resumable_loader
 from var.train.optim import apply_schedules, peak_learning_rate
 from var.train.runs import TRAINING_STATE, RunDirectory, capture_rng, restore_rng

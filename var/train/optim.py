@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from var.train.config import OptimConfig
+from var.config import OptimConfig
 
 # Name fragments that exempt a parameter from weight decay: the official list (spec_var 4.2), plus this
 # package's names for the same tensors (lvl_embed -> level_embed, ada_gss -> modulation_offset,

@@ -1,6 +1,6 @@
 """Run directories and crash-safe checkpoints.
 
-Layout (read by ``var sample --ckpt RUN`` through var/pipeline.py)::
+Layout (read by ``var sample --ckpt RUN`` through var/loading.py)::
 
     RUN/config.yaml                     the resolved experiment config
     RUN/checkpoints/step_0000500/       a self-contained bundle: vqvae.*, var.* (or ar.*), training_state.pt
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from var.checkpoints import atomic_write
-from var.pipeline import LATEST_POINTER
+from var.loading import LATEST_POINTER
+from var.utils import atomic_write
 
 STEP_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"

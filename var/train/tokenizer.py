@@ -21,10 +21,10 @@ from accelerate.utils import broadcast, reduce
 from torch.func import functional_call
 
 from var.checkpoints import save_model
+from var.config import ExperimentConfig
 from var.data.registry import build_dataset
 from var.tokenizers.quantizer import area_down
 from var.tokenizers.vqvae import VQVAE
-from var.train.config import ExperimentConfig
 from var.train.loop import Trainer
 from var.train.optim import build_optimizer
 from var.train.perceptual import PatchDiscriminator, hinge_discriminator_loss, load_perceptual_loss

@@ -1,4 +1,4 @@
-"""Finding and loading a (tokenizer, transformer) pair from what a user points at.
+"""The one model loader: a (tokenizer, transformer) pair, or one model, from whatever a user points at.
 
 Accepted sources:
 
@@ -6,7 +6,7 @@ Accepted sources:
   ``ar.json/.safetensors`` for the raster AR baseline; pick it with ``var_name="ar"``), what training
   writes into every checkpoint directory;
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
-* the official ``.pth`` files, given as ``vae=`` and ``var=``.
+* the official ``.pth`` files (or state dicts), given as ``vae=`` and ``var=`` (:func:`load_official`).
 
 One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) comes from
 :func:`load_one`, from either kind of source.
@@ -15,6 +15,7 @@ One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) co
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -63,13 +64,28 @@ def load_pair(
         bundle = resolve_bundle(ckpt, var_name)
         vqvae = load_model(bundle, "vqvae")
         model = load_model(bundle, var_name)
+        check_pair(vqvae, model)
     elif vae is not None and var is not None:
-        model = load_official_var(var)
-        vqvae = load_official_vqvae(vae, patch_nums=model.config.patch_nums)
+        vqvae, model = load_official(vae, var)
     else:
         raise ValueError("pass a checkpoint directory (--ckpt) or both official files (--vae and --var)")
-    check_pair(vqvae, model)
     return vqvae.to(device).eval(), model.to(device).eval()
+
+
+def load_official(
+    vqvae: str | os.PathLike | Mapping[str, torch.Tensor],
+    var: str | os.PathLike | Mapping[str, torch.Tensor],
+    vqvae_overrides: Mapping | None = None,
+    **var_overrides,
+) -> tuple[VQVAE, VAR]:
+    """Load an official (VQ-VAE, VAR) pair; the tokenizer is set to the transformer's scale schedule.
+
+    ``vqvae_overrides`` sets what the weights cannot tell (e.g. ``norm_groups``, ``using_znorm``).
+    """
+    var_model = load_official_var(var, **var_overrides)
+    vqvae_model = load_official_vqvae(vqvae, **{"patch_nums": var_model.config.patch_nums, **(vqvae_overrides or {})})
+    check_pair(vqvae_model, var_model)
+    return vqvae_model, var_model
 
 
 OFFICIAL_LOADERS = {"var": load_official_var, "vqvae": load_official_vqvae}
