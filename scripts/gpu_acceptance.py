@@ -35,10 +35,10 @@ import torch
 from var.bench import add_arguments, base_ratios, bench_samplers, build_models, finalize_defaults, run
 from var.checkpoints import save_model
 from var.cli import main as var_cli
+from var.config import load_experiment
 from var.eval.fidelity import write_random_inception_weights
-from var.pipeline import load_pair
+from var.loading import load_pair
 from var.sample.registry import model_name_for
-from var.train.config import load_experiment
 from var.utils import resolve_device
 
 PARTS = ("bench", "latency", "addons", "sjd", "fid")
@@ -96,12 +96,18 @@ def part_latency(out: Path, options: argparse.Namespace) -> dict:
             "checks": official_checks(report, latency=True)}
 
 
+def draft_steps(official: int, options: argparse.Namespace) -> str:
+    """CoDe draft steps: the official split, or one that fits the tiny models' four scales."""
+    return str(min(official, 3) if options.tiny else official)
+
+
 def part_addons(out: Path, options: argparse.Namespace) -> dict:
     depth = ["--depths", "2" if options.tiny else "30"]
     batches = ["--batch-sizes", "1", "16", "64"]
-    rows = bench(out / "draft8", options, "--samplers", "var", "code", "scalekv", "--draft-steps", "8",
-                 *batches, *depth)["results"]
-    rows += bench(out / "draft6", options, "--samplers", "code", "--draft-steps", "6", *batches, *depth)["results"]
+    rows = bench(out / "draft8", options, "--samplers", "var", "code", "scalekv", "--draft-steps",
+                 draft_steps(8, options), *batches, *depth)["results"]
+    rows += bench(out / "draft6", options, "--samplers", "code", "--draft-steps", draft_steps(6, options), *batches,
+                  *depth)["results"]
     big = ["4"] if options.tiny else ["512"]
     rows += bench(out / "large_batch", options, "--samplers", "var", "scalekv", "--batch-sizes", *big,
                   *depth)["results"]
@@ -109,7 +115,7 @@ def part_addons(out: Path, options: argparse.Namespace) -> dict:
     checks = {}
     for entry in ratios:
         name = f"{entry['sampler']} d{entry['depth']} B={entry['B']}"
-        if entry["sampler"] == "code" and entry["B"] == 64 and entry["draft_steps"] == 8:
+        if entry["sampler"] == "code" and entry["B"] == 64 and entry["draft_steps"] == int(draft_steps(8, options)):
             checks[f"{name} N=8 img/s vs plain"] = check(entry.get("speedup"), 1.7, at_least=True)
             checks[f"{name} N=8 peak memory vs plain"] = check(entry.get("memory_ratio"), 0.55, at_least=False)
         if entry["sampler"] == "scalekv" and "kv_ratio" in entry:

@@ -18,9 +18,10 @@ import torch
 
 from var.models.ar import RasterAR
 from var.models.var import VAR, VARConfig
-from var.sample.kv_budget import KVBudget, measure_selectivity
 from var.sample.logits import SamplingSettings
 from var.sample.registry import build_sampler
+from var.sample.scalekv.budget import KVBudget
+from var.sample.scalekv.calibrate import measure_selectivity
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 
 GOLDEN = Path(__file__).with_name("golden_samplers.json")
@@ -85,18 +86,18 @@ CASES = {
     "scalekv-max-pool-shared": ("scalekv", "var", {"kv_budget": 0.2, "kv_window": 2, "kv_scoring": "max-pool",
                                                     "kv_share_cfg": True}, {}, 9, LABELS),
     "scalekv-calibrated": ("scalekv", "var", {"kv_budget": "calibrated"}, {}, 10, LABELS),
-    "code+scalekv": ("code+scalekv", "var", {"refiner": "refiner", "draft_steps": 4, "kv_budget": 0.2,
+    "code+scalekv": ("code", "var", {"refiner": "refiner", "draft_steps": 4, "kv_budget": 0.2,
                                              "kv_window": 2}, {}, 12, LABELS),
-    "sjd-scale": ("sjd-scale", "small", {"window": 3, "spec_max_tokens": 16, "draft_source": "recycle"}, {}, 13,
+    "sjd-scale": ("sjd-scale", "small", {"spec_scales": 3, "spec_max_tokens": 16, "draft_source": "recycle"}, {}, 13,
                   LABELS * 2),
-    "sjd-scale-gumbel": ("sjd-scale", "small", {"window": 3, "spec_max_tokens": 25, "draft_source": "guess",
+    "sjd-scale-gumbel": ("sjd-scale", "small", {"spec_scales": 3, "spec_max_tokens": 25, "draft_source": "guess",
                                                 "gumbel": True}, {}, 14, LABELS * 2),
-    "sjd-scale-gumbel-recycle": ("sjd-scale", "small", {"window": 2, "gumbel": True}, {"temperature": 0.5}, 18,
+    "sjd-scale-gumbel-recycle": ("sjd-scale", "small", {"spec_scales": 2, "gumbel": True}, {"temperature": 0.5}, 18,
                                  LABELS * 2),
     "var-gumbel-small": ("var", "small", {"gumbel": True}, {"temperature": 0.5}, 18, LABELS * 2),
     "ar": ("ar", "ar", {}, {}, 15, LABELS),
-    "sjd-above": ("sjd", "ar", {"window": 4, "draft_init": "above"}, {}, 16, LABELS),
-    "sjd-random": ("sjd", "ar", {"window": 3, "draft_init": "random"}, {}, 17, LABELS),
+    "sjd-above": ("sjd", "ar", {"sjd_window": 4, "draft_init": "above"}, {}, 16, LABELS),
+    "sjd-random": ("sjd", "ar", {"sjd_window": 3, "draft_init": "random"}, {}, 17, LABELS),
 }
 
 

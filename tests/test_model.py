@@ -4,8 +4,8 @@ from conftest import make_tiny_pair
 
 from var.models.kv_cache import KVCache
 from var.models.var import build_var
-from var.sample.base import DecodeState, ScaleRunner, VARSampler
 from var.sample.logits import SamplingSettings
+from var.sample.scale import DecodeState, ScaleRunner, VARSampler
 
 
 def _teacher_logits(vqvae, model, labels, indices):
@@ -23,7 +23,7 @@ def test_kv_cached_decoding_equals_teacher_forcing(variant):
         out = sampler.sample(labels, seed=3)
         teacher = _teacher_logits(vqvae, model, labels, out.indices)
         state = sampler.begin(labels)
-        runner = ScaleRunner(model, state.labels)
+        runner = ScaleRunner(model, state)
         for si in range(model.config.num_scales):
             logits = runner.logits_for(state, si)[:2]  # conditional half
             begin, end = model.config.scale_bounds[si]
@@ -40,9 +40,9 @@ def test_prefill_in_one_block_causal_pass_equals_step_by_step():
         state = sampler.begin([1, 0, 2])
         for si, pn in enumerate(model.config.patch_nums):
             sampler.advance(state, si, vqvae.quantize.lookup(out.indices[si], pn))
-        stepwise = ScaleRunner(model, state.labels)
+        stepwise = ScaleRunner(model, state)
         step_logits = [stepwise.logits_for(state, si) for si in range(3)]
-        joined = ScaleRunner(model, state.labels)
+        joined = ScaleRunner(model, state)
         prefill_logits = joined.logits_for(state, 2)  # scales 0..2 in one pass
         assert state.passes == 4
         torch.testing.assert_close(prefill_logits, step_logits[2], atol=1e-5, rtol=1e-5)
@@ -106,8 +106,7 @@ def test_label_dropout_only_in_training():
 
 
 def test_decode_state_is_model_independent():
-    vqvae, model = make_tiny_pair()
-    state = DecodeState(torch.tensor([0]), torch.zeros(1, 4, 4, 4), None)
+    state = DecodeState(conditions=torch.tensor([0]), batch_size=1, f_hat=torch.zeros(1, 4, 4, 4))
     assert state.scales_done == 0 and state.batch_size == 1
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from var.checkpoints import load_official_var, load_official_vqvae, var_config_from_official, vqvae_config_from_official
-from var.sample.base import VARSampler
 from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
 from var.tokenizers.quantizer import phi_index_per_scale
 
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_var_small"

@@ -5,10 +5,10 @@ from conftest import make_tiny_pair
 from var.checkpoints import save_model, var_to_official
 from var.cli import main
 from var.models.var import VAR
-from var.sample.base import VARSampler
 from var.sample.code import CoDeSampler
 from var.sample.logits import SamplingSettings
 from var.sample.registry import build_sampler
+from var.sample.scale import VARSampler
 
 PATCH_NUMS = (1, 2, 3, 4, 5)
 SETTINGS = SamplingSettings(cfg=2.0, top_k=0, top_p=0.0)

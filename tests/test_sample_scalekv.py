@@ -7,11 +7,13 @@ from conftest import make_tiny_pair
 from var.checkpoints import save_model
 from var.cli import main
 from var.models.kv_cache import KVCache, OfficialLayoutKVCache
-from var.sample.base import OfficialLayoutKVPolicy, VARSampler
-from var.sample.kv_budget import KVBudget, SelectivityRecorder, window_offsets
+from var.sample.kv import OfficialLayoutKVPolicy
 from var.sample.logits import SamplingSettings
 from var.sample.registry import build_sampler
-from var.sample.scalekv import ScaleKVCache, ScaleKVPolicy, ScaleKVSampler
+from var.sample.scale import VARSampler
+from var.sample.scalekv.budget import KVBudget, window_offsets
+from var.sample.scalekv.cache import ScaleKVCache, ScaleKVPolicy
+from var.sample.scalekv.calibrate import SelectivityRecorder
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6)
 SETTINGS = SamplingSettings(cfg=2.0, top_k=0, top_p=0.0)
@@ -41,9 +43,9 @@ def test_full_budget_is_exactly_plain_sampling(pair, base, options):
     assert out.stats["kv_bytes"] == base.stats["kv_bytes"]
 
 
-def test_code_plus_scalekv_at_full_budget_with_the_drafter_as_refiner_is_plain_sampling(pair, base):
+def test_code_with_kv_budget_at_full_budget_with_the_drafter_as_refiner_is_plain_sampling(pair, base):
     vqvae, model = pair
-    sampler = build_sampler("code+scalekv", model, vqvae, SETTINGS, refiner=model, draft_steps=3, kv_budget=1.0)
+    sampler = build_sampler("code", model, vqvae, SETTINGS, refiner=model, draft_steps=3, kv_budget=1.0)
     assert _same_samples(sampler.sample(LABELS, seed=3), base)
 
 
@@ -159,7 +161,7 @@ def test_budget_allocation_and_json_round_trip(pair, tmp_path):
     assert KVBudget.uniform(cfg, 1.0).capacities(0, cfg.num_scales) == [cfg.scale_bounds[-1][0]] * cfg.depth
     _, deeper = make_tiny_pair(depth=3, patch_nums=PATCH_NUMS)
     with pytest.raises(ValueError, match="budget is for 2 layers .* the model has 3 layers"):
-        ScaleKVSampler(deeper, pair[0], kv_budget=budget)
+        VARSampler(deeper, pair[0], kv_budget=budget)
     path.write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="is not a KV budget"):
         KVBudget.load(path)
@@ -167,11 +169,11 @@ def test_budget_allocation_and_json_round_trip(pair, tmp_path):
         ScaleKVPolicy(1.5)
 
 
-def test_code_plus_scalekv_compresses_both_phases(pair):
+def test_code_with_kv_budget_compresses_both_phases(pair):
     vqvae, model = pair
     _, refiner = make_tiny_pair(5, depth=1, width=16, num_heads=1, patch_nums=PATCH_NUMS)
     code = build_sampler("code", model, vqvae, SETTINGS, refiner=refiner, draft_steps=4).sample(LABELS, seed=0)
-    both = build_sampler("code+scalekv", model, vqvae, SETTINGS, refiner=refiner, draft_steps=4,
+    both = build_sampler("code", model, vqvae, SETTINGS, refiner=refiner, draft_steps=4,
                          kv_budget=0.1).sample(LABELS, seed=0)
     assert both.stats["kv_bytes_refiner"] < code.stats["kv_bytes_refiner"]
     assert all(torch.equal(a, b) for a, b in zip(both.indices[:3], code.indices[:3], strict=True))
@@ -191,11 +193,11 @@ def test_calibrate_kv_command_end_to_end(pair, tmp_path, capsys):
     values = [v for row in budget.selectivity[1:] for v in row]
     assert len(values) == model.config.depth * (len(PATCH_NUMS) - 1) and all(0 < v <= 1 for v in values)
     out = tmp_path / "grid.png"
-    main(["sample", "--ckpt", str(tmp_path), "--sampler", "scalekv", "--kv-budget-file", str(budget_path),
+    main(["sample", "--ckpt", str(tmp_path), "--sampler", "scalekv", "--kv-budget", str(budget_path),
           "--labels", "0", "1", "--out", str(out)])
     assert out.is_file()
     with pytest.raises(SystemExit, match="not found; write one with 'var calibrate-kv'"):
-        main(["sample", "--ckpt", str(tmp_path), "--sampler", "scalekv", "--kv-budget-file",
+        main(["sample", "--ckpt", str(tmp_path), "--sampler", "scalekv", "--kv-budget",
               str(tmp_path / "missing.json"), "--labels", "0", "--out", str(out)])
 
 

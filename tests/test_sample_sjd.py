@@ -21,15 +21,15 @@ from scipy.stats import chisquare
 from var.checkpoints import save_model
 from var.cli import main
 from var.models.ar import RasterAR
-from var.models.kv_cache import RaggedKVCache
 from var.models.var import VAR, VARConfig
 from var.sample import speculative
-from var.sample.ar import ARSampler
-from var.sample.base import VARSampler
 from var.sample.logits import SamplingSettings, gumbel_max, gumbel_noise
+from var.sample.raster import ARSampler
 from var.sample.registry import build_sampler, model_name_for
-from var.sample.sjd import SJDSampler
-from var.sample.sjd_scale import ScaleSpeculativeSampler
+from var.sample.scale import VARSampler
+from var.sample.speculative.ragged_cache import RaggedKVCache
+from var.sample.speculative.scales import ScaleSpeculativeSampler
+from var.sample.speculative.sjd import SJDSampler
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 
 NUM_SAMPLES = 100_000
@@ -108,7 +108,7 @@ def test_ar_baseline_matches_exact_law(tiny_ar):
 def test_sjd_matches_exact_law_with_ragged_rows(tiny_ar):
     """Window 3 on 4 tokens: recycled drafts, one-hot guesses (above, left, random) and full acceptances."""
     model, vqvae, exact = tiny_ar
-    sampler = SJDSampler(model, vqvae, SETTINGS, window=3, draft_init="above")
+    sampler = SJDSampler(model, vqvae, SETTINGS, sjd_window=3, draft_init="above")
     assert ar_p_value(sampler, exact) > ALPHA
 
 
@@ -121,7 +121,7 @@ BROKEN_SJD = {
 @pytest.mark.parametrize("variant", [*BROKEN_SJD, "advance by batch minimum"])
 def test_sjd_broken_variants_are_detected(tiny_ar, monkeypatch, variant):
     model, vqvae, exact = tiny_ar
-    sampler = SJDSampler(model, vqvae, SETTINGS, window=3, draft_init="random")
+    sampler = SJDSampler(model, vqvae, SETTINGS, sjd_window=3, draft_init="random")
     if variant in BROKEN_SJD:
         monkeypatch.setattr(speculative, *BROKEN_SJD[variant])
     else:  # the reference code's batch > 1 bug: accepted tokens of faster rows are verified again
@@ -139,7 +139,7 @@ def test_sjd_greedy_equals_plain_greedy_in_fewer_passes():
     greedy = SamplingSettings(cfg=2.0, top_k=1, top_p=0.0)
     plain = ARSampler(model, vqvae, greedy).sample([0, 1, 2, 0], seed=0)
     for draft_init in ("random", "left", "above"):
-        fast = SJDSampler(model, vqvae, greedy, window=16, draft_init=draft_init).sample([0, 1, 2, 0], seed=5)
+        fast = SJDSampler(model, vqvae, greedy, sjd_window=16, draft_init=draft_init).sample([0, 1, 2, 0], seed=5)
         assert torch.equal(fast.indices[0], plain.indices[0])
         assert fast.stats["passes_per_image"] < plain.stats["passes"] == 16
         torch.testing.assert_close(fast.images, plain.images)
@@ -220,7 +220,7 @@ def scale_p_values(
 def test_sjd_scale_matches_exact_law(tiny_scale_var):
     """Window 3 over 3 scales: guessed drafts, recycled stale drafts, ragged rows, bonus blocks."""
     model, vqvae, first_two, with_last = tiny_scale_var
-    sampler = ScaleSpeculativeSampler(model, vqvae, SETTINGS, window=3, draft_source="recycle")
+    sampler = ScaleSpeculativeSampler(model, vqvae, SETTINGS, spec_scales=3, draft_source="recycle")
     p_values, passes = scale_p_values(sampler, first_two, with_last)
     assert min(p_values) > ALPHA / len(p_values), p_values
     assert passes < 3  # speculation merged scales
@@ -229,7 +229,7 @@ def test_sjd_scale_matches_exact_law(tiny_scale_var):
 @pytest.mark.parametrize("variant", [*BROKEN_SJD, "rewind to batch minimum"])
 def test_sjd_scale_broken_variants_are_detected(tiny_scale_var, monkeypatch, variant):
     model, vqvae, first_two, with_last = tiny_scale_var
-    sampler = ScaleSpeculativeSampler(model, vqvae, SETTINGS, window=3, draft_source="recycle")
+    sampler = ScaleSpeculativeSampler(model, vqvae, SETTINGS, spec_scales=3, draft_source="recycle")
     if variant in BROKEN_SJD:
         monkeypatch.setattr(speculative, *BROKEN_SJD[variant])
     else:  # decided scales of faster rows are verified again
@@ -261,7 +261,7 @@ def test_sjd_scale_gumbel_mode_equals_plain_gumbel_token_for_token(window, draft
     settings = SamplingSettings(cfg=2.0, top_k=8, top_p=0.9, temperature=0.5)
     labels = [0, 1, 2, 0, 1, 2, 0, 1]
     plain = VARSampler(model, vqvae, settings, gumbel=True).sample(labels, seed=3)
-    fast = ScaleSpeculativeSampler(model, vqvae, settings, window=window, spec_max_tokens=16,
+    fast = ScaleSpeculativeSampler(model, vqvae, settings, spec_scales=window, spec_max_tokens=16,
                                    draft_source=draft_source, gumbel=True).sample(labels, seed=3)
     for plain_tokens, fast_tokens in zip(plain.indices, fast.indices, strict=True):
         assert torch.equal(plain_tokens, fast_tokens)
@@ -279,9 +279,9 @@ def test_gumbel_mode_needs_a_seed(tiny_pair):
 
 def test_small_block_policy_limits_passes(tiny_pair):
     vqvae, model = tiny_pair  # patch_nums (1, 2, 3, 4)
-    sampler = ScaleSpeculativeSampler(model, vqvae, window=3, spec_max_tokens=9)
+    sampler = ScaleSpeculativeSampler(model, vqvae, spec_scales=3, spec_max_tokens=9)
     assert [sampler.last_block(first) for first in range(4)] == [2, 2, 2, 3]
-    assert ScaleSpeculativeSampler(model, vqvae, window=1).last_block(0) == 0
+    assert ScaleSpeculativeSampler(model, vqvae, spec_scales=1).last_block(0) == 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -289,11 +289,13 @@ def test_small_block_policy_limits_passes(tiny_pair):
 def test_registry_builds_every_sampler_and_rejects_bad_options(tiny_pair):
     vqvae, model = tiny_pair
     ar = RasterAR(depth=1, width=16, num_heads=2, vocab_size=16, num_classes=3, side=4).eval()
-    assert isinstance(build_sampler("sjd", ar, vqvae, window=4, draft_init="left"), SJDSampler)
-    assert isinstance(build_sampler("sjd-scale", model, vqvae, window=2, gumbel=True), ScaleSpeculativeSampler)
+    assert isinstance(build_sampler("sjd", ar, vqvae, sjd_window=4, draft_init="left"), SJDSampler)
+    assert isinstance(build_sampler("sjd-scale", model, vqvae, spec_scales=2, gumbel=True), ScaleSpeculativeSampler)
     assert model_name_for("sjd") == "ar" and model_name_for("sjd-scale") == "var"
-    with pytest.raises(ValueError, match=r"sampler 'var' does not take window \(it takes gumbel\)"):
-        build_sampler("var", model, vqvae, window=3)
+    with pytest.raises(ValueError, match=r"sampler 'ar' does not take sjd_window \(it takes gumbel\)"):
+        build_sampler("ar", ar, vqvae, sjd_window=3)
+    with pytest.raises(ValueError, match=r"sampler 'var' does not take spec_scales \(it takes gumbel, kv_budget"):
+        build_sampler("var", model, vqvae, spec_scales=3)
     with pytest.raises(ValueError, match="needs a VAR model"):
         build_sampler("sjd-scale", ar, vqvae)
     with pytest.raises(ValueError, match="needs the raster AR baseline"):
@@ -313,8 +315,8 @@ def test_cli_samples_the_ar_baseline_and_both_speculative_samplers(tmp_path, cap
     for module in (vqvae, model, ar):
         save_model(module, bundle)
     common = ["sample", "--ckpt", str(bundle), "--device", "cpu", "--labels", "0", "2", "1"]
-    for extra in (["--sampler", "ar"], ["--sampler", "sjd", "--window", "4", "--draft-init", "left"],
-                  ["--sampler", "sjd-scale", "--window", "2", "--spec-max-tokens", "9", "--gumbel"]):
+    for extra in (["--sampler", "ar"], ["--sampler", "sjd", "--sjd-window", "4", "--draft-init", "left"],
+                  ["--sampler", "sjd-scale", "--spec-scales", "2", "--spec-max-tokens", "9", "--gumbel"]):
         out = tmp_path / f"{extra[1]}.png"
         main(common + extra + ["--out", str(out)])
         assert out.is_file()

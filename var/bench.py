@@ -13,6 +13,7 @@ the official rows of the same configuration (``vs_official_h100``, from benchmar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -24,15 +25,23 @@ from torch import nn
 
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VARConfig, build_var
+from var.sample.arguments import SETTINGS, settings_from_args
 from var.sample.logits import SamplingSettings
-from var.sample.registry import AR_SAMPLERS, SAMPLER_NAMES, build_sampler
-from var.sample.registry import sampler_options as accepted_options
+from var.sample.options import add_option_arguments, given_options
+from var.sample.registry import (
+    BASE_SAMPLERS,
+    SAMPLER_NAMES,
+    all_options,
+    build_sampler,
+    model_name_for,
+    option_users,
+    sampler_options,
+)
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import autocast, compile_for_sampling, resolve_device
 
 ANCHORS = Path(__file__).resolve().parents[1] / "benchmarks" / "official_h100.json"
 TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4))
-BASE_SAMPLERS = ("var", "ar")  # plain decoding, what the add-on samplers are compared with
 TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
 
 
@@ -114,30 +123,64 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
     return row
 
 
-SETTING_KEYS = ("refiner_depth", "draft_steps", "kv_budget")  # add-on settings a result row records
+# sampler options as bench flags: declared ones as they are, model-valued ones as the depth of a random model
+OPTIONS = all_options()
+VALUE_OPTIONS = {name: spec for name, spec in OPTIONS.items() if not spec.model}
+MODEL_OPTIONS = {name: spec for name, spec in OPTIONS.items() if spec.model}
+DEFAULT_MODEL_DEPTH = 16
+ROW_KEYS = (*VALUE_OPTIONS, *(f"{name}_depth" for name in MODEL_OPTIONS))  # what a row's configuration is
 
 
-def sampler_settings(name: str, args: argparse.Namespace) -> dict:
-    """The add-on settings of sampler ``name`` in this run (recorded in its result rows)."""
-    accepted = accepted_options(name)
-    settings = {}
-    if "refiner" in accepted:
-        settings.update(refiner_depth=args.refiner_depth, draft_steps=args.draft_steps)
-    if "kv_budget" in accepted:
-        settings["kv_budget"] = args.kv_budget
-    return settings
+def parse_sampler_spec(text: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:option=value,...`` (options of that sampler only, parsed by their declarations)."""
+    name, _, rest = text.partition(":")
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"--samplers: unknown sampler '{name}'; choose from {', '.join(SAMPLER_NAMES)}")
+    accepted, own = sampler_options(name), {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        model = key.removesuffix("_depth")
+        if key in VALUE_OPTIONS and key in accepted:
+            own[key] = VALUE_OPTIONS[key].parse(value)
+        elif key.endswith("_depth") and model in MODEL_OPTIONS and model in accepted:
+            own[key] = int(value)
+        else:
+            raise ValueError(f"--samplers {text}: sampler '{name}' does not take '{key}' (it takes "
+                             f"{', '.join(k + '_depth' if k in MODEL_OPTIONS else k for k in accepted) or 'nothing'})")
+    return name, own
+
+
+def sampler_settings(text: str, args: argparse.Namespace) -> tuple[str, dict]:
+    """(sampler name, its options in this run): the option flags it takes, then its own ``:option=value``;
+    model-valued options as ``<name>_depth``."""
+    name, own = parse_sampler_spec(text)
+    accepted = sampler_options(name)
+    settings = {key: value for key, value in given_options(args, VALUE_OPTIONS).items() if key in accepted}
+    settings.update({f"{key}_depth": getattr(args, f"{key}_depth") for key in accepted if key in MODEL_OPTIONS})
+    settings.update(own)
+    return name, settings
 
 
 def sampler_arguments(settings: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    """Constructor arguments for these settings, with a random-weight refiner for CoDe."""
+    """Constructor arguments for these settings, with random-weight models for model-valued options."""
     arguments = dict(settings)
-    if "refiner_depth" in arguments:
-        arguments["refiner"] = build_models(arguments.pop("refiner_depth"), args.tiny, device)[0]
+    for key in MODEL_OPTIONS:
+        if f"{key}_depth" in arguments:
+            arguments[key] = build_models(arguments.pop(f"{key}_depth"), args.tiny, device)[0]
     return arguments
 
 
+def recorded_settings(sampler, settings: dict) -> dict:
+    """What a row records of its sampler: the options that differ from their defaults, as used (resolved
+    defaults such as CoDe's draft steps included), model-valued ones as their depth."""
+    recorded = {key: value for key, value in settings.items() if key.endswith("_depth")}
+    recorded.update({key: value for key, value in sampler.options.non_default().items() if key not in MODEL_OPTIONS})
+    return recorded
+
+
 def _settings_of(row: dict) -> dict:
-    return {key: row[key] for key in SETTING_KEYS if key in row}
+    return {key: row[key] for key in ROW_KEYS if key in row}
 
 
 def _ratio(ours, theirs) -> float | None:
@@ -150,8 +193,7 @@ def base_ratios(rows: list[dict]) -> list[dict]:
     base = {(r["sampler"], r["depth"], r["B"]): r for r in rows if r["sampler"] in BASE_SAMPLERS}
     comparisons = []
     for row in rows:
-        family_base = "ar" if row["sampler"] in AR_SAMPLERS else "var"
-        ref = base.get((family_base, row["depth"], row["B"]))
+        ref = base.get((model_name_for(row["sampler"]), row["depth"], row["B"]))
         if row["sampler"] in BASE_SAMPLERS or ref is None:
             continue
         entry = {"sampler": row["sampler"], "depth": row["depth"], "B": row["B"], **_settings_of(row)}
@@ -166,12 +208,15 @@ def base_ratios(rows: list[dict]) -> list[dict]:
 
 
 def _official_key(entry: dict) -> tuple | None:
-    """What makes an official anchor row and one of ours the same configuration."""
-    if entry.get("impl") == "official-VAR" or entry.get("sampler") == "var":
+    """What makes an official anchor row and one of ours the same configuration (ours: no other add-on)."""
+    if entry.get("impl") == "official-VAR":
         return ("var", entry["depth"], entry["B"])
     if entry.get("impl") == "official-CoDe":
         return ("code", entry["drafter"], entry["refiner"], entry["draft_steps"], entry["B"])
-    if entry.get("sampler") == "code":
+    extra = set(_settings_of(entry)) - {"refiner_depth", "draft_steps"}
+    if entry.get("sampler") == "var" and not extra:
+        return ("var", entry["depth"], entry["B"])
+    if entry.get("sampler") == "code" and not extra:
         return ("code", entry["depth"], entry["refiner_depth"], entry["draft_steps"], entry["B"])
     return None
 
@@ -232,9 +277,10 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
     """Rows of every sampler in ``names`` on one (model, tokenizer) pair at every batch size of ``args``;
     ``labels`` (e.g. ``depth=16``) head each row."""
     rows = []
-    for name in names:
-        recorded = sampler_settings(name, args)
-        sampler = build_sampler(name, model, vqvae, settings, **sampler_arguments(recorded, args, device))
+    for text in names:
+        name, chosen = sampler_settings(text, args)
+        sampler = build_sampler(name, model, vqvae, settings, **sampler_arguments(chosen, args, device))
+        recorded = recorded_settings(sampler, chosen)
         for batch_size in args.batch_sizes:
             row = bench_sampler(sampler, batch_size, model.num_classes, device, args.dtype,
                                 args.warmup, args.runs, not args.no_decode)
@@ -264,18 +310,18 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    settings = settings_from_args(args)
     rows = []
     for depth in args.depths:
         for raster in (False, True):
-            names = [name for name in args.samplers if (name in AR_SAMPLERS) == raster]
+            names = [text for text in args.samplers if (model_name_for(parse_sampler_spec(text)[0]) == "ar") == raster]
             if names:
                 rows += bench_depth(depth, raster, names, args, settings, device)
     report = {
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": args.dtype, "cfg": args.cfg, "top_k": args.top_k,
-            "top_p": args.top_p, "vae_decode_included": not args.no_decode, "weights": "random",
+            "torch": torch.__version__, "dtype": args.dtype, **dataclasses.asdict(settings),
+            "vae_decode_included": not args.no_decode, "weights": "random",
             "sizes": "tiny" if args.tiny else "official", "warmup": args.warmup, "runs": args.runs,
             "compile": args.compile,
             "time": "min of runs (median also given)",
@@ -299,19 +345,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run)")
     parser.add_argument("--depths", type=int, nargs="+", help="default: 16 20 24 30 (tiny: 2)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 16 64 256 (tiny: 1 4)")
-    parser.add_argument("--samplers", nargs="+", default=["var"], choices=SAMPLER_NAMES,
-                        help="'code' adds a random refiner of --refiner-depth; 'ar'/'sjd' run a raster AR "
-                        "baseline of the same depth (d16: ~300M parameters)")
-    parser.add_argument("--cfg", type=float, default=1.5)
-    parser.add_argument("--top-k", type=int, default=900)
-    parser.add_argument("--top-p", type=float, default=0.96)
+    parser.add_argument("--samplers", nargs="+", default=["var"], metavar="NAME[:OPTION=VALUE,...]",
+                        help=f"samplers ({', '.join(SAMPLER_NAMES)}), each optionally with its own options, e.g. "
+                        "scalekv:kv_budget=0.2; 'code' gets a random refiner of --refiner-depth; 'ar'/'sjd' run a "
+                        "raster AR baseline of the same depth (d16: ~300M parameters)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the timing")
     parser.add_argument("--compile", nargs="?", const="default", help="torch.compile mode (e.g. reduce-overhead)")
-    parser.add_argument("--draft-steps", type=int, default=8, help="CoDe: scales run by the drafter")
-    parser.add_argument("--refiner-depth", type=int, default=16, help="CoDe: depth of the refiner (tiny: 1)")
-    parser.add_argument("--kv-budget", type=float, default=0.1, help="ScaleKV: fraction of the prefix kept")
+    add_option_arguments(parser.add_argument_group("sampling settings"), SETTINGS, defaults=True)
+    group = parser.add_argument_group("sampler options (each applies to every listed sampler that takes it)")
+    add_option_arguments(group, VALUE_OPTIONS, option_users())
+    for name in MODEL_OPTIONS:
+        group.add_argument(f"--{name.replace('_', '-')}-depth", type=int, default=DEFAULT_MODEL_DEPTH,
+                           help=f"depth of the random-weight {name} for {', '.join(option_users()[name])} "
+                                f"(default {DEFAULT_MODEL_DEPTH}; --tiny: 1)")
     parser.add_argument("--out", default="out/bench")
 
 
@@ -324,8 +372,10 @@ def finalize_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.batch_sizes is None:
         args.batch_sizes = [1, 4] if args.tiny else [1, 16, 64, 256]
     if args.tiny:
-        args.refiner_depth = min(args.refiner_depth, 1)
-        args.draft_steps = min(args.draft_steps, len(TINY_VAR["patch_nums"]) - 1)
+        for name in MODEL_OPTIONS:
+            setattr(args, f"{name}_depth", min(getattr(args, f"{name}_depth"), 1))
+    for text in args.samplers:
+        parse_sampler_spec(text)  # a bad name or option fails before any model is built
     return args
 
 

@@ -10,7 +10,7 @@ import sys
 COMMAND_MODULES = [
     "var.sample.cli",
     "var.eval.cli",
-    "var.sample.calibrate_cli",
+    "var.sample.scalekv.cli",
     "var.bench",
     "var.train.cli",
     "var.train.demo",

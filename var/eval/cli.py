@@ -26,18 +26,21 @@ from var.eval.generate import class_balanced_labels, generate_samples, process_s
 from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
-from var.sample.cli import (
+from var.sample.arguments import (
+    SETTINGS,
     add_model_arguments,
-    add_sampling_arguments,
+    add_sampler_arguments,
+    add_settings_arguments,
     load_models,
     sampler_options_from_args,
     settings_from_args,
 )
-from var.sample.registry import SAMPLER_NAMES, build_sampler
+from var.sample.options import OptionSpec, given_options
+from var.sample.registry import SAMPLER_NAMES, all_options, build_sampler
 
-# settings --sweep can vary: name -> type of one value; the per-scale ones are lists in the parsed args
-SWEEPABLE = {"cfg": float, "top_k": int, "top_p": float, "temperature": float, "sampler": str}
-PER_SCALE_SETTINGS = ("top_k", "top_p", "temperature")
+# what --sweep can vary: the sampler, every sampling setting and every declared sampler option
+SAMPLER_CHOICE = OptionSpec(help="the sampler", type=str, choices=SAMPLER_NAMES, name="sampler")
+SWEEPABLE: dict[str, OptionSpec] = {"sampler": SAMPLER_CHOICE, **SETTINGS, **all_options()}
 
 
 def add_parser(subparsers) -> None:
@@ -47,7 +50,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--samples", help="samples .npz (arr_0: uint8 NHWC, optional labels) or a folder of images")
     add_model_arguments(parser)
-    add_sampling_arguments(parser)
+    add_settings_arguments(parser)
+    add_sampler_arguments(parser)
     parser.add_argument("--per-class", type=int, default=50, help="samples per class when sampling a model")
     group = parser.add_argument_group("metrics")
     group.add_argument("--ref", help="reference: stats .npz (mu/sigma, OpenAI VIRTUAL_*.npz as is), images .npz, "
@@ -88,25 +92,28 @@ def add_parser(subparsers) -> None:
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
-    """'cfg=1,1.5' -> ('cfg', [1.0, 1.5])."""
+    """'cfg=1,1.5' -> ('cfg', [1.0, 1.5]); every value is parsed and checked by its declaration."""
     name, _, values = text.partition("=")
     name = name.strip().replace("-", "_")
     if name not in SWEEPABLE or not values.strip():
         raise ValueError(f"--sweep expects SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}; got {text!r}")
-    convert = SWEEPABLE[name]
     try:
-        parsed = [convert(value.strip()) for value in values.split(",")]
-    except ValueError:
-        raise ValueError(f"--sweep {name}: cannot read {values!r} as {convert.__name__} values") from None
-    if name == "sampler" and (unknown := sorted(set(parsed) - set(SAMPLER_NAMES))):
-        raise ValueError(f"--sweep sampler: unknown sampler(s) {', '.join(unknown)}; choose from {SAMPLER_NAMES}")
-    return name, parsed
+        return name, [SWEEPABLE[name].parse(value.strip()) for value in values.split(",")]
+    except ValueError as error:
+        raise ValueError(f"--sweep {name}: cannot use {values!r} ({error})") from None
 
 
 def with_setting(args: argparse.Namespace, name: str, value) -> argparse.Namespace:
     varied = copy.copy(args)
-    setattr(varied, name, [value] if name in PER_SCALE_SETTINGS else value)
+    setattr(varied, name, [value] if SWEEPABLE[name].per_scale else value)
     return varied
+
+
+def options_report(sampler, args: argparse.Namespace) -> dict:
+    """The sampler's options that differ from their defaults, as given (a model option as its path)."""
+    specs = all_options()
+    given = given_options(args, specs)
+    return {name: given[name] if specs[name].model else value for name, value in sampler.options.non_default().items()}
 
 
 def versions() -> dict:
@@ -198,7 +205,8 @@ def run(args: argparse.Namespace) -> None:
             continue
         report = {"sampling": {
             "model": args.ckpt or {"vae": args.vae, "var": args.var},
-            "sampler": run_args.sampler, **dataclasses.asdict(settings), "seed": run_args.seed,
+            "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
+            **dataclasses.asdict(settings), "seed": run_args.seed,
             "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
             "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
             "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,

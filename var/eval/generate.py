@@ -17,7 +17,7 @@ from accelerate.utils import gather
 from tqdm import tqdm
 
 from var.eval.images import Samples
-from var.sample.cli import sample_in_batches
+from var.sample.batches import sample_in_batches
 from var.utils import resolve_device
 
 COLLECTIVE_TIMEOUT_S = 3 * 3600
@@ -61,7 +61,7 @@ def generate_samples(
     state = state or PartialState()
     count, processes, rank = len(labels), state.num_processes, state.process_index
     num_batches = math.ceil(count / batch_size)
-    side = sampler.vqvae.config.image_size
+    side = sampler.tokenizer.config.image_size
     images_out, ids_out = [], []
     bar = tqdm(total=count, desc="sampling", unit="img", disable=not (progress and state.is_main_process))
     for round_start in range(0, num_batches, processes):

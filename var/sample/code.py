@@ -5,25 +5,30 @@ freed and the refiner, which may be a much smaller VAR over the same tokenizer, 
 scales (most of the tokens, the detail).  The refiner re-encodes the drafter's prefix itself: its first
 request pre-fills every drafted scale plus its first own scale in one block-causal pass, from the
 continuous next-scale inputs in the shared :class:`DecodeState` and with its own class embedding.  Each
-model guides its own logits with the usual ramp t = cfg * si / (S - 1).
+model guides its own logits with its family's rule (VAR: the ramp t = cfg * si / (S - 1)).
 
 No verification step exists, so the samples follow neither model exactly; with the refiner equal to the
-drafter the result is plain VAR sampling.  One generator runs through both phases: that is the stream a
-single model would use, which the official code recovers by re-seeding the refiner and drawing throw-away
-tokens for the drafted scales.
+drafter the result is plain VAR sampling.  One generator (or one Gumbel noise) runs through both phases:
+that is the stream a single model would use, which the official code recovers by re-seeding the refiner
+and drawing throw-away tokens for the drafted scales.  Each phase takes its own KV policy (``kv_budget``,
+``refiner_kv_budget``).  The recipes that train drafters and refiners are in var/train/code.py.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
+from var.models.family import ScaleModel
 from var.models.var import VAR
-from var.sample.base import KVPolicy, SampleOutput, ScaleRunner, VARSampler, kv_stats, peak_memory_stats
+from var.sample.base import device_of, kv_stats, now, peak_memory
 from var.sample.logits import SamplingSettings
-from var.tokenizers.vqvae import VQVAE
+from var.sample.options import check_budget, option, parse_budget
+from var.sample.scale import DecodeState, ScaleSampler, VAROptions
+from var.sample.scalekv.budget import KVBudget
+from var.sample.scalekv.cache import policy_from_options
 
 
 def check_refiner(drafter: VAR, refiner: VAR) -> None:
@@ -40,86 +45,66 @@ def check_refiner(drafter: VAR, refiner: VAR) -> None:
         )
 
 
-def _now(device: torch.device) -> float:
-    """Wall-clock seconds after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+@dataclass
+class CoDeOptions(VAROptions):
+    """CoDe's drafter/refiner split; the KV options apply to the drafter, ``refiner_kv_budget`` to the refiner."""
+
+    refiner: VAR | None = option(None, "CoDe: the refiner, a bundle/run directory or an official-format .pth",
+                                 model="var", metavar="PATH")
+    draft_steps: int | None = option(None, "CoDe: scales the drafter decodes (default: all but the last 2)",
+                                     type=int, minimum=1)
+    refiner_kv_budget: float | str | KVBudget | None = option(
+        None, "CoDe: the refiner's ScaleKV budget (fraction or budget JSON; default: --kv-budget)",
+        type=parse_budget, check=check_budget, metavar="FRACTION|FILE")
 
 
-class CoDeSampler(VARSampler):
+class CoDeSampler(ScaleSampler):
     """Drafter (``model``) for scales [0, draft_steps), refiner for [draft_steps, S).
-
-    Args:
-        model: the drafter.
-        vqvae: the tokenizer shared by both models.
-        settings: guidance and filtering, applied by both phases.
-        refiner: the refiner transformer.
-        draft_steps: N, the number of scales the drafter decodes (1..S; default S - 2, CoDe's 8 + 2 split).
-        kv_policy: cache policy of the drafter; ``refiner_kv_policy`` (default: the same) of the refiner.
 
     ``stats`` report the KV bytes of each phase (``kv_bytes_drafter``/``_refiner`` allocated,
     ``kv_bytes_held_drafter``/``_refiner`` held at the end; ``kv_bytes``/``kv_bytes_held`` are the larger,
-    since the two caches never coexist), the seconds of each phase (the image decode counts to the
-    refiner's) and, on CUDA, the peak memory after the drafter phase and overall.
+    since the two caches never coexist), the seconds of each phase and, on CUDA, the peak memory after the
+    drafter phase (``peak_cuda_bytes_drafter``).
     """
 
     name = "code"
+    Options = CoDeOptions
 
-    def __init__(
-        self,
-        model: VAR,
-        vqvae: VQVAE,
-        settings: SamplingSettings | None = None,
-        refiner: VAR | None = None,
-        draft_steps: int | None = None,
-        kv_policy: KVPolicy | None = None,
-        refiner_kv_policy: KVPolicy | None = None,
-    ):
-        super().__init__(model, vqvae, settings, kv_policy)
+    def __init__(self, model: ScaleModel, tokenizer, settings: SamplingSettings | None = None, **options):
+        super().__init__(model, tokenizer, settings, **options)
+        refiner = self.options.refiner
         if refiner is None:
             raise ValueError("CoDe needs a refiner model (CLI: --refiner PATH, a bundle/run directory or a .pth)")
         check_refiner(model, refiner)
         self.refiner = refiner
-        self.draft_steps = self.num_scales - 2 if draft_steps is None else int(draft_steps)
-        if not 1 <= self.draft_steps <= self.num_scales:
-            raise ValueError(f"draft_steps must be in 1..{self.num_scales} for this model, got {self.draft_steps}")
-        self.refiner_kv_policy = refiner_kv_policy or self.kv_policy
+        draft_steps = self.num_scales - 2 if self.options.draft_steps is None else self.options.draft_steps
+        if not 1 <= draft_steps <= self.num_scales:
+            raise ValueError(f"draft_steps must be in 1..{self.num_scales} for this model, got {draft_steps}")
+        self.options = dataclasses.replace(self.options, draft_steps=draft_steps)
+        self.kv_policy = policy_from_options(self.options, model)
+        self.refiner_kv_policy = policy_from_options(self.options, refiner, self.options.refiner_kv_budget)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        labels: torch.Tensor | Sequence[int] | int | None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        batch_size: int | None = None,
-        record_logits: bool = False,
-        decode: bool = True,
-    ) -> SampleOutput:
-        """Sample one image per label: drafter phase, then (its cache freed) refiner phase."""
-        state = self.begin(labels, seed, generator, batch_size, record_logits)
-        device = state.f_hat.device
-        split = self.draft_steps
+    def generate_tokens(self, state: DecodeState) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """Drafter phase, then (its cache freed) refiner phase."""
+        device = device_of(self.model)
+        split = self.options.draft_steps
         stats = {"draft_steps": split}
-
-        started = _now(device)
-        drafter = ScaleRunner(self.model, state.labels, self.kv_policy, start=0, stop=split)
+        started = now(device)
+        drafter = self.new_runner(state, self.kv_policy, stop=split)
         self.run_scales(drafter, state, 0, split)
         stats.update(kv_stats(drafter.cache, "_drafter"))
         del drafter  # frees the drafter's cache before the refiner allocates its own
-        stats["seconds_drafter"] = _now(device) - started
-        stats.update(peak_memory_stats(device, "_drafter"))
-
-        started = _now(device)
+        stats["seconds_drafter"] = now(device) - started
+        stats["peak_cuda_bytes_drafter"] = peak_memory(device)
+        started = now(device)
         if split < self.num_scales:
-            refiner = ScaleRunner(self.refiner, state.labels, self.refiner_kv_policy, start=split)
+            refiner = self.new_runner(state, self.refiner_kv_policy, model=self.refiner, start=split)
             self.run_scales(refiner, state, split, self.num_scales)
             stats.update(kv_stats(refiner.cache, "_refiner"))
             del refiner
         else:
             stats.update(kv_bytes_refiner=0, kv_bytes_held_refiner=0)
+        stats["seconds_refiner"] = now(device) - started
         for key in ("kv_bytes", "kv_bytes_held"):  # the two caches never coexist
             stats[key] = max(stats[f"{key}_drafter"], stats[f"{key}_refiner"])
-        output = self.finish(state, decode, **stats)
-        output.stats["seconds_refiner"] = _now(device) - started
-        return output
+        return state.indices, state.f_hat, stats

@@ -1,7 +1,8 @@
 """Token selection: classifier-free guidance, top-k / top-p filtering, temperature, Gumbel smoothing.
 
-Kept apart from the scale loop so that every sampler (plain, CoDe, ScaleKV, speculative) turns logits into
-tokens with exactly the same rule, and speculative verification can compute the same target distribution.
+Kept apart from the sampler loops so that every sampler turns logits into tokens with exactly the same
+primitives (combined per model family in var/sample/rules.py), and speculative verification computes the same
+target distribution.
 """
 
 from __future__ import annotations
@@ -11,22 +12,33 @@ from dataclasses import dataclass
 
 import torch
 
+from var.sample.options import declared, option
+
 
 @dataclass
 class SamplingSettings:
     """How logits become tokens.  Each of top_k / top_p / temperature may be one value or one per scale.
 
-    ``cfg`` is the guidance weight at the last scale; the weight ramps linearly from 0 at the first scale
-    (official VAR).  Temperature divides the logits *after* top-k/top-p filtering (as CoDe does); 1.0 is
-    the official VAR behaviour.  ``more_smooth`` feeds Gumbel-softmax mixtures of codes instead of hard
-    codes to f_hat (official "more_smooth", better-looking but not used for FID).
+    For VAR, ``cfg`` is the guidance weight at the last scale; the weight ramps linearly from 0 at the first
+    scale (official VAR).  Temperature divides the logits *after* top-k/top-p filtering (as CoDe does); 1.0
+    is the official VAR behaviour.  ``more_smooth`` feeds Gumbel-softmax mixtures of codes instead of hard
+    codes to f_hat (official "more_smooth", better-looking but not used for FID).  How a model family applies
+    these (its guidance formula, the order of temperature and filtering) is its rule in var/sample/rules.py.
+    Every field is declared once (var/sample/options.py): the command-line flags and sweep keys come from here.
     """
 
-    cfg: float = 1.5
-    top_k: int | Sequence[int] = 900
-    top_p: float | Sequence[float] = 0.96
-    temperature: float | Sequence[float] = 1.0
-    more_smooth: bool = False
+    cfg: float = option(1.5, "classifier-free guidance weight (VAR: at the last scale, ramping from 0)")
+    top_k: int | Sequence[int] = option(900, "keep the k most likely codes (0: all)", type=int, minimum=0,
+                                        per_scale=True)
+    top_p: float | Sequence[float] = option(0.96, "keep the most likely codes holding this probability mass "
+                                            "(0: all)", type=float, minimum=0, maximum=1, per_scale=True)
+    temperature: float | Sequence[float] = option(1.0, "divide the filtered logits by this", type=float,
+                                                  minimum=0, exclusive_minimum=True, per_scale=True)
+    more_smooth: bool = option(False, "Gumbel-softmax mixtures of codes in f_hat (nicer, not for FID)")
+
+    def __post_init__(self) -> None:
+        for name, spec in declared(SamplingSettings).items():
+            spec.validate(getattr(self, name))
 
     def check(self, num_scales: int) -> None:
         """Per-scale lists must give one value per scale of the model (caught before any sampling)."""
@@ -137,17 +149,32 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(
     seed: int, rows: int, begin: int, count: int, vocab: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Gumbel noise (rows, count, vocab) for tokens begin..begin+count-1 of every row, keyed by ``seed``.
+    """Gumbel noise (rows, count, vocab) for tokens begin..begin+count-1 of every row, keyed by ``seed``."""
+    _check_counters(begin + count, vocab)
+    return _hashed_gumbel(seed, torch.arange(begin, begin + count, device=device).expand(rows, count), vocab)
+
+
+def gumbel_noise_at(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise (rows, count, vocab) for the tokens at ``positions`` (rows, count) of each row.
 
     Each value depends only on (seed, row, token index, code): uniforms with 53 random bits from two
-    independent 32-bit hashes, then G = -log(-log(u)).
+    independent 32-bit hashes, then G = -log(-log(u)).  Rows may ask for different positions (ragged
+    speculative windows) and get what a plain sampler drawing those tokens gets.
     """
-    if (begin + count) * vocab >= 2**32:
-        raise ValueError(f"{begin + count} tokens x {vocab} codes exceed the 2^32 noise counters")
+    _check_counters(int(positions.max()) + 1, vocab)
+    return _hashed_gumbel(seed, positions, vocab)
+
+
+def _check_counters(tokens: int, vocab: int) -> None:
+    if tokens * vocab >= 2**32:
+        raise ValueError(f"{tokens} tokens x {vocab} codes exceed the 2^32 noise counters")
+
+
+def _hashed_gumbel(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    rows, device = positions.shape[0], positions.device
     seed_key = _mix32(torch.tensor([(seed >> 32) & _MASK32], device=device)) ^ (seed & _MASK32)
     row_keys = _mix32(_mix32(seed_key) ^ torch.arange(rows, device=device)).view(rows, 1, 1)
-    tokens = torch.arange(begin, begin + count, device=device).view(1, count, 1)
-    counters = tokens * vocab + torch.arange(vocab, device=device).view(1, 1, vocab)  # (1, count, vocab)
+    counters = positions.unsqueeze(-1) * vocab + torch.arange(vocab, device=device)  # (rows, count, vocab)
     high = _mix32(_mix32(counters ^ row_keys))  # 32 bits
     low = _mix32(_mix32(counters ^ _mix32(row_keys ^ 0x9E3779B9))) >> 11  # 21 bits
     uniforms = ((high * 2**21 + low).double() + 0.5) / 2.0**53

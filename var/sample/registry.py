@@ -1,66 +1,81 @@
-"""Sampler names -> classes.  Add-on samplers register here so every entry point accepts them.
+"""Sampler names -> sampler classes (and presets): every entry point takes these names.
 
-``build_sampler(name, model, vqvae, settings, **options)`` passes the options to the sampler's constructor
-and rejects, with one clear line, any option that sampler does not take.
+``build_sampler(name, model, tokenizer, settings, **options)`` builds one; its options are the class's
+declared ``Options`` (var/sample/options.py), over the preset's defaults for a preset name.  Add-ons are
+options, not names: ``code`` with ``kv_budget`` is CoDe on ScaleKV caches, ``var`` with ``gumbel`` is
+Gumbel-keyed plain sampling.  ``scalekv`` is a preset: plain next-scale sampling with a 10 % KV budget.
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass, field
 
-from torch import nn
-
-from var.models.ar import RasterAR
-from var.sample.ar import ARSampler
-from var.sample.base import VARSampler
+from var.sample.base import BaseSampler
 from var.sample.code import CoDeSampler
 from var.sample.logits import SamplingSettings
-from var.sample.scalekv import CoDeScaleKVSampler, ScaleKVSampler
-from var.sample.sjd import SJDSampler
-from var.sample.sjd_scale import ScaleSpeculativeSampler
-from var.tokenizers.vqvae import VQVAE
+from var.sample.options import OptionSpec, collect
+from var.sample.raster import ARSampler
+from var.sample.scale import VARSampler
+from var.sample.speculative.scales import ScaleSpeculativeSampler
+from var.sample.speculative.sjd import SJDSampler
 
-SAMPLERS: dict[str, type] = {
-    "var": VARSampler,
-    "code": CoDeSampler,
-    "scalekv": ScaleKVSampler,
-    "code+scalekv": CoDeScaleKVSampler,
-    "sjd-scale": ScaleSpeculativeSampler,
-    "ar": ARSampler,
-    "sjd": SJDSampler,
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    """A sampler class and the option values its name presets."""
+
+    cls: type[BaseSampler]
+    presets: dict = field(default_factory=dict)
+
+    def specs(self) -> dict[str, OptionSpec]:
+        return self.cls.Options.specs()
+
+
+SAMPLERS: dict[str, SamplerEntry] = {
+    "var": SamplerEntry(VARSampler),
+    "scalekv": SamplerEntry(VARSampler, {"kv_budget": 0.1}),
+    "code": SamplerEntry(CoDeSampler),
+    "sjd-scale": SamplerEntry(ScaleSpeculativeSampler),
+    "ar": SamplerEntry(ARSampler),
+    "sjd": SamplerEntry(SJDSampler),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
-AR_SAMPLERS = ("ar", "sjd")  # these decode the raster AR baseline instead of VAR
-_NOT_OPTIONS = {"self", "model", "vqvae", "settings", "kv_policy", "refiner_kv_policy"}
+BASE_SAMPLERS = ("var", "ar")  # plain decoding of each model kind, what add-ons are compared with
 
 
-def sampler_options(name: str) -> list[str]:
-    """The keyword options sampler ``name`` accepts."""
-    parameters = inspect.signature(SAMPLERS[name].__init__).parameters
-    return [option for option in parameters if option not in _NOT_OPTIONS]
+def entry(name: str) -> SamplerEntry:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLER_NAMES)}")
+    return SAMPLERS[name]
+
+
+def sampler_options(name: str) -> dict[str, OptionSpec]:
+    """The options sampler ``name`` declares."""
+    return entry(name).specs()
+
+
+def all_options() -> dict[str, OptionSpec]:
+    """Every declared sampler option, once (a name shared by samplers is one declaration)."""
+    return collect(e.cls.Options for e in SAMPLERS.values())
+
+
+def option_users() -> dict[str, list[str]]:
+    """Option name -> the samplers that take it (with a preset's value where it sets one)."""
+    users: dict[str, list[str]] = {}
+    for name, item in SAMPLERS.items():
+        for option in item.specs():
+            preset = item.presets.get(option)
+            users.setdefault(option, []).append(name if preset is None else f"{name}: {preset}")
+    return users
 
 
 def model_name_for(sampler: str) -> str:
-    """The checkpoint a sampler needs from a bundle: ``ar`` (raster baseline) or ``var``."""
-    return "ar" if sampler in AR_SAMPLERS else "var"
+    """The checkpoint a sampler decodes from a bundle: ``var`` (next-scale) or ``ar`` (raster)."""
+    return entry(sampler).cls.kind.checkpoint
 
 
-def build_sampler(
-    name: str,
-    model: nn.Module,
-    vqvae: VQVAE,
-    settings: SamplingSettings | None = None,
-    **options,
-):
-    """Build the sampler called ``name`` around ``model`` (VAR, or RasterAR for 'ar'/'sjd') and ``vqvae``."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLER_NAMES)}")
-    accepted = sampler_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        takes = ", ".join(accepted) if accepted else "no options"
-        raise ValueError(f"sampler '{name}' does not take {', '.join(unknown)} (it takes {takes})")
-    if isinstance(model, RasterAR) != (name in AR_SAMPLERS):
-        needs = "the raster AR baseline (an 'ar' checkpoint)" if name in AR_SAMPLERS else "a VAR model"
-        raise ValueError(f"sampler '{name}' needs {needs}; got {type(model).__name__}")
-    return SAMPLERS[name](model, vqvae, settings, **options)
+def build_sampler(name: str, model, tokenizer, settings: SamplingSettings | None = None, **options) -> BaseSampler:
+    """Build the sampler called ``name`` around ``model`` and its ``tokenizer``."""
+    item = entry(name)
+    item.cls.Options.build(name, item.presets, **options)  # unknown or invalid options fail under this name
+    return item.cls(model, tokenizer, settings, **{**item.presets, **options})

@@ -1,4 +1,4 @@
-"""ScaleKV budgets: how many cached tokens each layer keeps at each scale, and how to calibrate them.
+"""ScaleKV budgets: how many cached tokens each layer keeps at each scale (calibrated by calibrate.py).
 
 A budget says, for every scale k and layer l, how many history tokens (of scales < k) layer l still holds
 when it decodes scale k.  A uniform budget of fraction f gives every layer round(f * P) tokens, P being
@@ -24,11 +24,7 @@ from pathlib import Path
 
 import torch
 
-from var.models.kv_cache import KVCache
-from var.models.var import VAR, VARConfig
-from var.sample.base import KVPolicy, VARSampler
-from var.sample.logits import SamplingSettings
-from var.tokenizers.vqvae import VQVAE
+from var.models.var import VARConfig
 
 FORMAT = "var-kv-budget/1"
 WINDOW_SIDE = 4  # a 4x4 grid of observation queries, 16 tokens, as ScaleKV uses
@@ -141,7 +137,7 @@ class KVBudget:
             raise ValueError(
                 f"the KV budget is for {self.num_layers} layers and patch_nums {tuple(self.patch_nums)}, the model "
                 f"has {config.depth} layers and patch_nums {tuple(config.patch_nums)}: calibrate a budget for it "
-                "with 'var calibrate-kv' (for a CoDe refiner pass it as --refiner-kv-budget-file)"
+                "with 'var calibrate-kv' (for a CoDe refiner pass it as --refiner-kv-budget)"
             )
         tokens = config.tokens_per_scale
         for k in range(1, config.num_scales):
@@ -215,83 +211,3 @@ class KVBudget:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error})") from error
         return cls.from_dict(data, str(path))
-
-
-# ---------------------------------------------------------------------------------------------------
-# calibration: attention selectivity of every layer at every scale
-class SelectivityRecorder(KVCache):
-    """A full cache that, after each attention, adds up the two ASI factors for (layer, scale).
-
-    ``totals[(layer, scale)]`` = [sum of current-scale mass, sum of top-K' history mass, query count], over
-    every (row, head, query) of the scale; rows include both CFG halves, as the cache serves both.
-    """
-
-    def __init__(self, num_layers: int, capacity: int, tokens_per_scale: list[int], history_top_k: int, totals):
-        super().__init__(num_layers, capacity)
-        self.tokens_per_scale = tokens_per_scale
-        self.history_top_k = history_top_k
-        self.totals = totals
-
-    def after_attention(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
-        count = self.tokens_per_scale[self.scale_index]
-        history = keys.shape[2] - count
-        if history == 0:
-            return
-        # queries (rows, heads, n, head_dim) of the current scale; keys (rows, heads, history + n, head_dim)
-        attention = (queries[:, :, -count:].float() @ keys.float().transpose(-1, -2)).softmax(dim=-1)
-        current = attention[..., history:].sum(dim=-1)
-        top = attention[..., :history].topk(min(self.history_top_k, history), dim=-1).values.sum(dim=-1)
-        entry = self.totals.setdefault((layer, self.scale_index), [0.0, 0.0, 0])
-        entry[0] += float(current.sum())
-        entry[1] += float(top.sum())
-        entry[2] += current.numel()
-
-
-class SelectivityPolicy(KVPolicy):
-    """Caches built by this policy record attention selectivity into one shared table."""
-
-    name = "selectivity"
-
-    def __init__(self, history_top_k: int):
-        self.history_top_k = history_top_k
-        self.totals: dict[tuple[int, int], list] = {}
-
-    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
-        cfg = model.config
-        stop = cfg.num_scales if stop is None else stop
-        return SelectivityRecorder(cfg.depth, cfg.scale_bounds[stop - 1][0], cfg.tokens_per_scale,
-                                   self.history_top_k, self.totals)
-
-    def selectivity(self, config: VARConfig) -> list[list[float] | None]:
-        """ASI[scale][layer] = mean current mass * mean top-K' history mass (None for scale 0)."""
-        table: list[list[float] | None] = [None]
-        for k in range(1, config.num_scales):
-            row = []
-            for layer in range(config.depth):
-                current, top, count = self.totals[(layer, k)]
-                row.append((current / count) * (top / count))
-            table.append(row)
-        return table
-
-
-@torch.no_grad()
-def measure_selectivity(
-    model: VAR,
-    vqvae: VQVAE,
-    labels: torch.Tensor,
-    history_top_k: int,
-    settings: SamplingSettings | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
-) -> list[list[float] | None]:
-    """ASI of every (scale, layer) while sampling ``labels`` with the plain sampler (batch i: seed + i).
-
-    ``history_top_k`` is K', the number of largest history attentions whose mass counts (naturally the
-    tokens a layer keeps under the budget being calibrated).
-    """
-    cfg = model.config
-    policy = SelectivityPolicy(history_top_k)
-    sampler = VARSampler(model, vqvae, settings, kv_policy=policy)
-    for i, start in enumerate(range(0, len(labels), batch_size)):
-        sampler.sample(labels[start:start + batch_size], seed=seed + i)
-    return policy.selectivity(cfg)

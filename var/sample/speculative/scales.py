@@ -3,7 +3,7 @@
 Plain VAR spends one pass per scale.  A speculative pass over scales first..last feeds block ``first`` from
 the decided scales (exact) and every later block j+1 from *drafted* tokens of scale j, all in one
 block-causal pass on top of the KV cache.  Verification then walks up from ``first``: a drafted scale is
-verified position by position with the speculative rule (var/sample/speculative.py), so its tokens are an
+verified position by position with the speculative rule (var/sample/speculative/__init__.py), so its tokens are an
 exact draw of that scale whatever the draft; only if *every* position kept its draft does the next block
 have the context plain sampling would have given it, and verification continues there.  The block after
 the last drafted scale (or the first block with a rejected context) is sampled directly.  Rejected blocks
@@ -13,10 +13,10 @@ are cut from the cache.
   distribution (Jacobi iteration), with one-hot guesses where none exists; ``guess`` uses only one-hot
   guesses: the previous scale's token map upsampled (nearest), a random token for the first scale.
 * Small-block policy: a pass adds blocks only while the next block has at most ``spec_max_tokens`` tokens
-  (discarded late blocks cost the most), up to ``window`` blocks per pass.
+  (discarded late blocks cost the most), up to ``spec_scales`` blocks per pass.
 * Batches: every row keeps its own decided scales (rows that decided more than the batch's slowest row
   take their decided tokens as fixed inputs, never re-verified); the cache keeps what every row shares.
-* Gumbel mode: tokens are argmax(logits + G) with counter-based noise G (``VARSampler(gumbel=True)``), drafts
+* Gumbel mode: tokens are argmax(logits + G) with counter-based noise G (the ``gumbel`` option), drafts
   are argmax(q + G) and a drafted scale passes iff it equals the verifier's argmax, so the output equals plain
   Gumbel-mode sampling token for token.
 """
@@ -24,18 +24,34 @@ are cut from the cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from var.models.family import ScaleModel
 from var.models.kv_cache import KVCache
-from var.models.var import VAR, VARConfig
-from var.sample.base import DecodeState, KVPolicy, SampleOutput, ScaleRunner, VARSampler, kv_stats
+from var.sample.base import GumbelOption, kv_stats
+from var.sample.kv import KVPolicy
 from var.sample.logits import SamplingSettings
+from var.sample.options import option
+from var.sample.scale import DecodeState, ScaleRunner, ScaleSampler
 from var.sample.speculative import verify_drafts
-from var.tokenizers.vqvae import VQVAE
 
 DRAFT_SOURCES = ("recycle", "guess")
+
+
+@dataclass
+class ScaleSpeculationOptions(GumbelOption):
+    """Scale-wise speculation.  No KV budget: rejected scales are rolled back, which a compressed cache cannot."""
+
+    spec_scales: int = option(3, "sjd-scale: scales one forward pass may decode (drafted scales + 1; 1 is plain "
+                                 "VAR)", minimum=1)
+    spec_max_tokens: int = option(36, "sjd-scale: a scale joins a pass only if it has at most this many tokens",
+                                  minimum=1)
+    draft_source: str = option("recycle", "sjd-scale: drafts from the stale outputs of rejected passes (recycle, "
+                                          "one-hot guesses where none exist) or guesses only (guess)",
+                               choices=DRAFT_SOURCES)
 
 
 class SpeculativeKVPolicy(KVPolicy):
@@ -46,56 +62,44 @@ class SpeculativeKVPolicy(KVPolicy):
     def __init__(self, cache_last_scale: bool):
         self.cache_last_scale = cache_last_scale
 
-    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+    def make_cache(self, model: ScaleModel, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
         if self.cache_last_scale:
-            return KVCache(model.config.depth, model.config.seq_len)
+            return KVCache(model.depth, model.schedule.length)
         return super().make_cache(model, rows, start, stop)
 
 
-class ScaleSpeculativeSampler(VARSampler):
-    """Speculative next-scale sampling.
+class ScaleSpeculativeSampler(ScaleSampler):
+    """Speculative next-scale sampling (options: :class:`ScaleSpeculationOptions`).
 
-    Args:
-        model, vqvae, settings: as for :class:`VARSampler` (``more_smooth`` is not supported: it feeds random
-            soft codes, so a scale's input would not be a function of its tokens).
-        window: blocks per pass at most (drafted scales + 1); 1 is plain VAR.
-        spec_max_tokens: a block joins a pass only if it has at most this many tokens.
-        draft_source: ``recycle`` (stale outputs of rejected passes, else guesses) or ``guess``.
-        gumbel: Gumbel-max mode (deterministic for a seed, equal to ``VARSampler(gumbel=True)``).
+    ``more_smooth`` is not supported: it feeds random soft codes, so a scale's input would not be a function
+    of its tokens.  With ``gumbel`` the result equals plain Gumbel-mode sampling token for token.
     """
 
     name = "sjd-scale"
+    Options = ScaleSpeculationOptions
 
-    def __init__(
-        self,
-        model: VAR,
-        vqvae: VQVAE,
-        settings: SamplingSettings | None = None,
-        window: int = 3,
-        spec_max_tokens: int = 36,
-        draft_source: str = "recycle",
-        gumbel: bool = False,
-    ):
-        if window < 1:
-            raise ValueError(f"window must be at least 1 block per pass, got {window}")
-        if draft_source not in DRAFT_SOURCES:
-            raise ValueError(f"unknown draft_source '{draft_source}'; choose one of {', '.join(DRAFT_SOURCES)}")
-        self.window = window
-        self.spec_max_tokens = spec_max_tokens
-        self.draft_source = draft_source
-        sizes = model.config.tokens_per_scale
-        cache_last = window > 1 and len(sizes) > 1 and sizes[-1] <= spec_max_tokens
-        super().__init__(model, vqvae, settings, SpeculativeKVPolicy(cache_last), gumbel)
-        # scales that can be drafted: those followed by a block small enough to join a pass
-        self.draftable_scales = [scale for scale in range(len(sizes) - 1) if self.last_block(scale) > scale]
+    def __init__(self, model: ScaleModel, tokenizer, settings: SamplingSettings | None = None, **options):
+        super().__init__(model, tokenizer, settings, **options)
         if self.settings.more_smooth:
             raise ValueError("more_smooth feeds random soft codes to later scales; it cannot be speculated exactly")
+        if model.draws_per_token != 1:
+            raise ValueError(f"sjd-scale guesses one code per token; {type(model).__name__} draws "
+                             f"{model.draws_per_token} per token")
+        self.spec_scales = self.options.spec_scales
+        self.spec_max_tokens = self.options.spec_max_tokens
+        self.draft_source = self.options.draft_source
+        sizes = model.schedule.tokens
+        cache_last = self.spec_scales > 1 and len(sizes) > 1 and sizes[-1] <= self.spec_max_tokens
+        self.kv_policy = SpeculativeKVPolicy(cache_last)
+        # scales that can be drafted: those followed by a block small enough to join a pass
+        self.draftable_scales = [scale for scale in range(len(sizes) - 1) if self.last_block(scale) > scale]
 
     # -- policy and seams ------------------------------------------------------------------------------
     def last_block(self, first: int) -> int:
-        """The last scale of a pass starting at ``first`` (small-block policy, at most ``window`` blocks)."""
-        sizes, last = self.model.config.tokens_per_scale, first
-        while last + 1 < self.num_scales and last + 1 - first < self.window and sizes[last + 1] <= self.spec_max_tokens:
+        """The last scale of a pass starting at ``first`` (small-block policy, at most ``spec_scales`` blocks)."""
+        sizes, last = self.model.schedule.tokens, first
+        while (last + 1 < self.num_scales and last + 1 - first < self.spec_scales
+               and sizes[last + 1] <= self.spec_max_tokens):
             last += 1
         return last
 
@@ -108,13 +112,14 @@ class ScaleSpeculativeSampler(VARSampler):
         return decided
 
     def guess(self, state: DecodeState, tokens: list[torch.Tensor], scale_index: int) -> torch.Tensor:
-        """One-hot draft (B, pn^2): the previous scale's tokens upsampled (nearest); random for scale 0."""
-        sides = self.model.config.patch_nums
+        """One-hot draft (B, h*w): the previous scale's tokens upsampled (nearest); random for scale 0."""
+        shapes = self.model.schedule.shapes
         if scale_index == 0:
-            vocab = self.model.config.vocab_size
-            return torch.randint(vocab, (state.batch_size, 1), generator=state.generator, device=state.f_hat.device)
-        previous = tokens[scale_index - 1].view(-1, 1, sides[scale_index - 1], sides[scale_index - 1])
-        return F.interpolate(previous.float(), size=sides[scale_index], mode="nearest").long().flatten(1)
+            count = self.model.schedule.tokens[0]
+            return torch.randint(self.model.vocab_size, (state.batch_size, count), generator=state.generator,
+                                 device=state.f_hat.device)
+        previous = tokens[scale_index - 1].view(-1, 1, *shapes[scale_index - 1])
+        return F.interpolate(previous.float(), size=shapes[scale_index], mode="nearest").long().flatten(1)
 
     # -- the steps of a pass ---------------------------------------------------------------------------
     def prepare_draft(self, state: DecodeState, scale_index: int, book: DraftBook, decided: torch.Tensor) -> None:
@@ -123,24 +128,24 @@ class ScaleSpeculativeSampler(VARSampler):
         if self.draft_source == "recycle":
             fresh &= ~book.computed[scale_index]
         guess = self.guess(state, book.tokens, scale_index)
-        q = F.one_hot(guess, self.model.config.vocab_size).float()
+        q = F.one_hot(guess, self.model.vocab_size).float()
         if state.noise_seed is not None:
             q = q.log()  # Gumbel mode keeps log q: argmax(log one-hot + G) is the guess under any noise
         book.put(scale_index, fresh, guess, q, computed=False)
 
     def forward_pass(self, runner: ScaleRunner, state: DecodeState, book: DraftBook, first: int, last: int):
         """One block-causal pass over scales first..last; yields (scale, processed logits (B, n, V))."""
-        sides = self.model.config.patch_nums
         # block `first` reads the decided scales; block j+1 reads each row's tokens of scale j (decided or draft)
-        scratch = DecodeState(state.labels, state.f_hat.clone(), None, features=list(state.features))
+        scratch = DecodeState(conditions=state.conditions, batch_size=state.batch_size, f_hat=state.f_hat.clone(),
+                              features=list(state.features))
         for scale in range(first, last):
-            self.advance(scratch, scale, self.vqvae.quantize.lookup(book.tokens[scale], sides[scale]))
+            self.advance(scratch, scale, self.tokenizer.scale_features(book.tokens[scale], scale))
         features = [runner.scale_inputs(scratch, scale) for scale in range(first, last + 1)]
         hidden = runner.forward_scales(first, last, features, state, persist=True if last > first else None)
-        logits = self.model.logits(hidden, runner.cond)  # (2B, n_first + ... + n_last, V)
+        logits = self.model.logits(hidden, runner.cond)  # (rows, n_first + ... + n_last, V)
         begin = 0
         for scale in range(first, last + 1):
-            count = self.model.config.tokens_per_scale[scale]
+            count = self.model.schedule.tokens[scale]
             yield scale, self.processed_logits(state, scale, logits[:, begin: begin + count])
             begin += count
 
@@ -154,8 +159,9 @@ class ScaleSpeculativeSampler(VARSampler):
         says a drafted scale kept every draft; ``kept_q`` is the q a decided token would be re-verified
         against (its draft's q if accepted, else p), ``sampled_q`` the q of the fresh draw (p).
         """
-        sample = self.draw_tokens(state, scale_index, processed)  # plain draw: bonus token or recycled draft
-        none_passed = torch.zeros_like(state.labels, dtype=torch.bool)
+        # plain draw: bonus token or recycled draft
+        sample = self.draw(state, processed, self.model.schedule.bounds[scale_index][0])
+        none_passed = torch.zeros(state.batch_size, dtype=torch.bool, device=processed.device)
         if state.noise_seed is not None:  # Gumbel mode: the draw is the verifier's argmax
             passed = (sample == book.tokens[scale_index]).all(dim=1) if drafted else none_passed
             return sample, passed, processed, processed
@@ -167,21 +173,13 @@ class ScaleSpeculativeSampler(VARSampler):
         return verified, accepted.all(dim=1), torch.where(accepted.unsqueeze(-1), draft_q, p), p
 
     # -- the loop -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        labels: torch.Tensor | Sequence[int] | int | None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        batch_size: int | None = None,
-        decode: bool = True,
-    ) -> SampleOutput:
-        """Sample one image per label; stats report forward passes per image."""
-        state = self.begin(labels, seed, generator, batch_size)
-        runner = ScaleRunner(self.model, state.labels, self.kv_policy)
-        book = DraftBook(state, self.model.config, self.draftable_scales)
-        decided = torch.zeros_like(state.labels)  # scales each row has decided
-        row_passes = torch.zeros(state.batch_size, device=state.f_hat.device)
+    def generate_tokens(self, state: DecodeState) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """Speculative passes until every row has decided every scale; stats report passes per image."""
+        runner = self.new_runner(state, self.kv_policy)
+        book = DraftBook(state, self.model, self.draftable_scales)
+        device = state.f_hat.device
+        decided = torch.zeros(state.batch_size, dtype=torch.long, device=device)  # scales each row has decided
+        row_passes = torch.zeros(state.batch_size, device=device)
         while state.scales_done < self.num_scales:
             first = state.scales_done
             last = self.last_block(first)
@@ -201,10 +199,9 @@ class ScaleSpeculativeSampler(VARSampler):
             shared = int(decided.min())
             runner.rollback(shared)  # drop blocks some row rejected; keep what every row decided
             for scale in range(first, shared):
-                side = self.model.config.patch_nums[scale]
                 state.indices.append(book.tokens[scale])
-                self.advance(state, scale, self.vqvae.quantize.lookup(book.tokens[scale], side))
-        return self.finish(state, decode, **kv_stats(runner.cache), passes_per_image=row_passes.mean().item())
+                self.advance(state, scale, self.tokenizer.scale_features(book.tokens[scale], scale))
+        return state.indices, state.f_hat, {**kv_stats(runner.cache), "passes_per_image": row_passes.mean().item()}
 
 
 class DraftBook:
@@ -212,11 +209,10 @@ class DraftBook:
     the q they are verified against (probabilities; processed logits in Gumbel mode) and whether they come
     from a computed block (decided, or recycled from a stale block) rather than a guess."""
 
-    def __init__(self, state: DecodeState, config: VARConfig, draftable: Sequence[int]):
-        batch, device = state.batch_size, state.f_hat.device
-        self.tokens = [torch.zeros(batch, n, dtype=torch.long, device=device) for n in config.tokens_per_scale]
-        self.q = {scale: torch.zeros(batch, config.tokens_per_scale[scale], config.vocab_size, device=device)
-                  for scale in draftable}
+    def __init__(self, state: DecodeState, model: ScaleModel, draftable: Sequence[int]):
+        batch, device, sizes = state.batch_size, state.f_hat.device, model.schedule.tokens
+        self.tokens = [torch.zeros(batch, n, dtype=torch.long, device=device) for n in sizes]
+        self.q = {scale: torch.zeros(batch, sizes[scale], model.vocab_size, device=device) for scale in draftable}
         self.computed = {scale: torch.zeros(batch, dtype=torch.bool, device=device) for scale in draftable}
 
     def put(self, scale: int, rows: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, computed: bool = True) -> None:

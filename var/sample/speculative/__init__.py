@@ -1,4 +1,5 @@
-"""Speculative verification, shared by raster SJD (var/sample/sjd.py) and scale-wise SJD (sjd_scale.py).
+"""Speculative decoding: raster SJD (sjd.py, with its ragged KV cache, ragged_cache.py) and scale-wise
+speculation for next-scale models (scales.py), both verified with the rule defined here.
 
 The speculative-sampling lemma: draw a draft d ~ q with fresh randomness, accept it with probability
 min(1, p(d) / q(d)), otherwise draw from the residual norm(max(0, p - q)); the result is distributed exactly

@@ -1,7 +1,7 @@
 """``var calibrate-kv``: measure every layer's attention selectivity per scale and write a ScaleKV budget.
 
     var calibrate-kv --ckpt RUN --kv-budget 0.1 --out budget.json
-    var sample --ckpt RUN --sampler scalekv --kv-budget-file budget.json
+    var sample --ckpt RUN --kv-budget budget.json
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from var.pipeline import load_pair
-from var.sample.cli import add_model_arguments, add_sampling_arguments, settings_from_args
-from var.sample.kv_budget import WINDOW_SIDE, KVBudget, measure_selectivity
+from var.loading import load_pair
+from var.sample.arguments import add_model_arguments, add_settings_arguments, settings_from_args
+from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget
+from var.sample.scalekv.calibrate import measure_selectivity
 from var.utils import autocast, resolve_device
 
 
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> None:
         "calibrate-kv", help="measure attention selectivity per layer and scale, write a ScaleKV budget JSON"
     )
     add_model_arguments(parser)
-    add_sampling_arguments(parser, sampler_choice=False)
+    add_settings_arguments(parser)
     group = parser.add_argument_group("calibration")
     which = group.add_mutually_exclusive_group()
     which.add_argument("--labels", type=int, nargs="+", help="calibration class labels")

@@ -1,4 +1,5 @@
-"""ScaleKV: scale-aware KV-cache compression (spec_accel.md section 2, transferred to VAR per 2.8).
+"""ScaleKV: scale-aware KV-cache compression (spec_accel.md section 2, transferred to VAR per 2.8), the KV
+policy any scale-wise sampler that keeps its cache takes through the ``kv_budget`` options (:class:`KVOptions`).
 
 After a layer has attended at scale k (always to its whole current scale, never compressed), its cache is
 cut to the budget that layer has when it decodes scale k+1 (:class:`~var.sample.kv_budget.KVBudget`).
@@ -20,19 +21,43 @@ VAR has absolute position embeddings added at the input, so kept keys need no po
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from var.models.kv_cache import KVCache
-from var.models.var import VAR
-from var.sample.base import KVPolicy, VARSampler
-from var.sample.code import CoDeSampler
-from var.sample.kv_budget import WINDOW_SIDE, KVBudget, window_offsets
-from var.sample.logits import SamplingSettings
-from var.tokenizers.vqvae import VQVAE
+from var.sample.kv import KVPolicy
+from var.sample.options import SamplerOptions, check_budget, option, parse_budget
+from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget, window_offsets
 
 SCORINGS = ("softmax", "max-pool")
+
+
+@dataclass
+class KVOptions(SamplerOptions):
+    """The KV policy, an option of every scale-wise sampler that keeps its cache (CoDe: of the drafter)."""
+
+    kv_budget: float | str | KVBudget | None = option(
+        None, "ScaleKV: compress the KV cache to this fraction in (0, 1] (uniform over layers) or to the budget "
+              "JSON of 'var calibrate-kv'; default: the full cache", type=parse_budget, check=check_budget,
+        metavar="FRACTION|FILE")
+    kv_scoring: str = option("softmax", "ScaleKV: how kept tokens are chosen: softmax (the paper) or max-pool "
+                                        "(the released code)", choices=SCORINGS)
+    kv_share_cfg: bool = option(False, "ScaleKV: the unconditional half keeps the tokens the conditional half chose")
+    kv_window: int = option(WINDOW_SIDE, "ScaleKV with a fractional budget: side of the observation-window grid "
+                                         "(4: 16 tokens; smaller lets small models keep fewer)", minimum=1)
+
+
+def policy_from_options(options: KVOptions, model, budget: float | str | KVBudget | None = None) -> KVPolicy:
+    """The KV policy the options ask for, checked against ``model`` now (a budget of the wrong shape fails
+    before sampling); ``budget`` overrides ``options.kv_budget`` (CoDe's refiner budget)."""
+    budget = options.kv_budget if budget is None else budget
+    if budget is None:
+        return KVPolicy()
+    policy = ScaleKVPolicy(budget, options.kv_scoring, options.kv_share_cfg, window_side=options.kv_window)
+    policy.budget_for(model)
+    return policy
 
 
 class ScaleKVCache(KVCache):
@@ -157,66 +182,14 @@ class ScaleKVPolicy(KVPolicy):
         self.pool_kernel = pool_kernel
         self.window_side = window_side
 
-    def budget_for(self, model: VAR) -> KVBudget:
+    def budget_for(self, model) -> KVBudget:
         if isinstance(self.budget, KVBudget):
             self.budget.check(model.config)
             return self.budget
         return KVBudget.uniform(model.config, float(self.budget), self.window_side)
 
-    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+    def make_cache(self, model, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
         budget = self.budget_for(model)
-        stop = model.config.num_scales if stop is None else stop
+        stop = model.schedule.num_scales if stop is None else stop
         return ScaleKVCache(budget, budget.capacities(start, stop), self.scoring, self.share_cfg_choice,
                             self.pool_kernel)
-
-
-class ScaleKVSampler(VARSampler):
-    """The plain scale loop on ScaleKV-compressed caches (options as in :class:`ScaleKVPolicy`)."""
-
-    name = "scalekv"
-
-    def __init__(
-        self,
-        model: VAR,
-        vqvae: VQVAE,
-        settings: SamplingSettings | None = None,
-        kv_budget: float | KVBudget | str | os.PathLike = 0.1,
-        kv_scoring: str = "softmax",
-        kv_share_cfg: bool = False,
-        kv_window: int = WINDOW_SIDE,
-    ):
-        policy = ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window)
-        super().__init__(model, vqvae, settings, policy)
-        self.kv_policy.budget_for(model)  # a budget of the wrong shape fails here, not mid-sampling
-
-
-class CoDeScaleKVSampler(CoDeSampler):
-    """CoDe whose drafter and refiner both run on ScaleKV caches.
-
-    ``kv_budget`` is the drafter's (a fraction, or a KVBudget calibrated on the drafter);
-    ``refiner_kv_budget`` the refiner's (default: the same, which needs the same shape if calibrated).
-    """
-
-    name = "code+scalekv"
-
-    def __init__(
-        self,
-        model: VAR,
-        vqvae: VQVAE,
-        settings: SamplingSettings | None = None,
-        refiner: VAR | None = None,
-        draft_steps: int | None = None,
-        kv_budget: float | KVBudget | str | os.PathLike = 0.1,
-        refiner_kv_budget: float | KVBudget | str | os.PathLike | None = None,
-        kv_scoring: str = "softmax",
-        kv_share_cfg: bool = False,
-        kv_window: int = WINDOW_SIDE,
-    ):
-        refiner_kv_budget = kv_budget if refiner_kv_budget is None else refiner_kv_budget
-        super().__init__(
-            model, vqvae, settings, refiner, draft_steps,
-            kv_policy=ScaleKVPolicy(kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window),
-            refiner_kv_policy=ScaleKVPolicy(refiner_kv_budget, kv_scoring, kv_share_cfg, window_side=kv_window),
-        )
-        self.kv_policy.budget_for(model)
-        self.refiner_kv_policy.budget_for(self.refiner)
