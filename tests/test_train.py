@@ -14,19 +14,19 @@ from conftest import tiny_vqvae_config
 from safetensors.torch import load_file
 
 from var.checkpoints import load_model, save_model
-from var.config import ConfigError, to_dict
+from var.config import ConfigError, ExperimentConfig, OptimConfig, load_experiment, to_dict
+from var.loading import load_pair
 from var.models.var import VAR
-from var.pipeline import load_pair
-from var.sample.ar import ARSampler
 from var.sample.logits import SamplingSettings
+from var.sample.raster import ARSampler
 from var.tokenizers.vqvae import VQVAE
-from var.train.config import ExperimentConfig, OptimConfig, load_experiment
+from var.train.ar_trainer import ARTrainer
 from var.train.loop import cap_loss_scale
 from var.train.losses import distillation_kl, token_cross_entropy
 from var.train.optim import lr_multiplier, param_groups, weight_decay_at
 from var.train.perceptual import load_perceptual_loss
 from var.train.tokenizer import TokenizerTrainer
-from var.train.transformer import TransformerTrainer, progressive_stage
+from var.train.var_trainer import VARTrainer, progressive_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_official_schedule_family():
 def test_progressive_training_switches_lin0_to_lin_pg(tmp_path, tokenizer_bundle):
     experiment = tiny_experiment("var.loss.progressive=0.5", "var.loss.progressive_start_scale=1",
                                  "var.train.steps=2", "var.train.optim.schedule=lin0")
-    trainer = TransformerTrainer(experiment, tmp_path / "run", tokenizer=tokenizer_bundle, progress=False)
+    trainer = VARTrainer(experiment, tmp_path / "run", tokenizer=tokenizer_bundle, progress=False)
     assert trainer.config.optim.schedule == "lin0.5"
 
 
@@ -171,7 +171,7 @@ def test_weight_decay_cosine_and_peak_lr_rule(tmp_path, tokenizer_bundle):
     assert weight_decay_at(0, 100, config) == pytest.approx(0.05)
     assert weight_decay_at(99, 100, config) == pytest.approx(0.08)
     assert weight_decay_at(50, 100, OptimConfig()) == pytest.approx(0.05)
-    trainer = TransformerTrainer(tiny_experiment("var.train.optim.lr=null", "var.train.optim.base_lr=1e-4",
+    trainer = VARTrainer(tiny_experiment("var.train.optim.lr=null", "var.train.optim.base_lr=1e-4",
                                                  "var.train.grad_accum=2"),
                                  tmp_path / "run", tokenizer=tokenizer_bundle, progress=False)
     assert trainer.peak_lrs["var"] == pytest.approx(1e-4 * 16 * 2 / 256)
@@ -251,7 +251,7 @@ def _ce_on(model, tokenizer, images, labels, num_scales=None):
 def test_var_training_reduces_loss_and_writes_a_bundle(tmp_path, tokenizer_bundle, shapes_batch):
     images, labels = shapes_batch
     experiment = tiny_experiment("var.train.sample_every=30", "var.loss.scale_weights=[1,1,2,2]")
-    trainer = TransformerTrainer(experiment, tmp_path / "run", tokenizer=tokenizer_bundle, progress=False)
+    trainer = VARTrainer(experiment, tmp_path / "run", tokenizer=tokenizer_bundle, progress=False)
     model, tokenizer = trainer.unwrap(trainer.model), trainer.tokenizer
     before = _ce_on(model, tokenizer, images, labels)
     model.train()
@@ -265,8 +265,8 @@ def test_var_training_reduces_loss_and_writes_a_bundle(tmp_path, tokenizer_bundl
 
 
 def test_raster_ar_training_uses_single_scale_tokens(tmp_path, tokenizer_bundle):
-    trainer = TransformerTrainer(tiny_experiment("var.train.sample_every=30"), tmp_path / "ar",
-                                 tokenizer=tokenizer_bundle, model_kind="ar", progress=False)
+    trainer = ARTrainer(tiny_experiment("var.train.sample_every=30"), tmp_path / "ar",
+                                 tokenizer=tokenizer_bundle, progress=False)
     assert trainer.tokenizer.patch_nums == (4,) and trainer.model_config.seq_len == 16
     first = trainer.fit()["loss"]
     bundle = tmp_path / "ar" / "checkpoints" / "step_0000030"
@@ -275,12 +275,12 @@ def test_raster_ar_training_uses_single_scale_tokens(tmp_path, tokenizer_bundle)
     vqvae, ar = load_pair(tmp_path / "ar", var_name="ar")  # what 'var sample --sampler ar' loads
     samples = ARSampler(ar, vqvae, SamplingSettings(top_k=0, top_p=0.0)).sample([0, 1], seed=0)
     assert samples.images.shape == (2, 3, 8, 8)
-    resumed = TransformerTrainer(tiny_experiment("var.train.steps=60"), tmp_path / "ar", model_kind="ar",
+    resumed = ARTrainer(tiny_experiment("var.train.steps=60"), tmp_path / "ar",
                                  resume=True, progress=False)
     assert resumed.step == 30 and resumed.fit()["loss"] < first
     with pytest.raises(ValueError, match="VAR only"):
-        TransformerTrainer(tiny_experiment("var.loss.progressive=0.5"), tmp_path / "ar2",
-                           tokenizer=tokenizer_bundle, model_kind="ar", progress=False)
+        ARTrainer(tiny_experiment("var.loss.progressive=0.5"), tmp_path / "ar2",
+                           tokenizer=tokenizer_bundle, progress=False)
 
 
 def test_progressive_schedule_grows_scales_and_ramps_the_newest():
@@ -316,11 +316,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tokenizer_b
     interrupted_at = int((killed / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 6 <= interrupted_at < 40 and interrupted_at % 6 == 0
 
-    resumed = TransformerTrainer(load_experiment(killed / "config.yaml", overrides), killed, resume=True,
+    resumed = VARTrainer(load_experiment(killed / "config.yaml", overrides), killed, resume=True,
                                  progress=False)
     assert resumed.step == interrupted_at
     resumed.fit()
-    straight = TransformerTrainer(load_experiment(config, overrides), tmp_path / "straight",
+    straight = VARTrainer(load_experiment(config, overrides), tmp_path / "straight",
                                   tokenizer=tokenizer_bundle, progress=False)
     straight.fit()
 
@@ -349,7 +349,7 @@ def _interrupt_and_resume(make_trainer, tmp_path, name: str) -> None:
 def test_resume_restores_ema_bf16_and_accumulation_state(tmp_path, tokenizer_bundle):
     experiment = tiny_experiment("var.train.steps=4", "var.train.checkpoint_every=2", "var.train.ema_decay=0.5",
                                  "var.train.mixed_precision=bf16", "var.train.grad_accum=2")
-    _interrupt_and_resume(lambda run, resume: TransformerTrainer(experiment, run, tokenizer=tokenizer_bundle,
+    _interrupt_and_resume(lambda run, resume: VARTrainer(experiment, run, tokenizer=tokenizer_bundle,
                                                                  resume=resume, progress=False), tmp_path,
                           "var.safetensors")
     # the bundle holds the EMA weights, the training state the trained ones
@@ -357,7 +357,7 @@ def test_resume_restores_ema_bf16_and_accumulation_state(tmp_path, tokenizer_bun
     state = torch.load(final / "training_state.pt", weights_only=True)
     assert not torch.equal(load_file(final / "var.safetensors")["head.weight"], state["trained_weights"]["head.weight"])
     with pytest.raises(ValueError, match="--resume"):
-        TransformerTrainer(experiment, tmp_path / "a", tokenizer=tokenizer_bundle, progress=False)
+        VARTrainer(experiment, tmp_path / "a", tokenizer=tokenizer_bundle, progress=False)
 
 
 def test_tokenizer_resume_restores_gan_and_code_restart_state(tmp_path):
@@ -381,13 +381,13 @@ def test_distillation_kl_matches_the_definition():
 
 def _base_var_run(tmp_path, tokenizer_bundle) -> Path:
     run = tmp_path / "base"
-    TransformerTrainer(tiny_experiment("var.train.steps=2"), run, tokenizer=tokenizer_bundle, progress=False).fit()
+    VARTrainer(tiny_experiment("var.train.steps=2"), run, tokenizer=tokenizer_bundle, progress=False).fit()
     return run
 
 
 def test_code_drafter_trains_only_its_own_scales(tmp_path, tokenizer_bundle, shapes_batch):
     base = _base_var_run(tmp_path, tokenizer_bundle)
-    trainer = TransformerTrainer(tiny_experiment("var.recipe.name=code-drafter", f"var.recipe.base={base}",
+    trainer = VARTrainer(tiny_experiment("var.recipe.name=code-drafter", f"var.recipe.base={base}",
                                                  "var.recipe.draft_steps=2"), tmp_path / "drafter", progress=False)
     model = trainer.unwrap(trainer.model)
     torch.testing.assert_close(model.head.weight, load_model(base / "checkpoints" / "step_0000002", "var").head.weight)
@@ -400,7 +400,7 @@ def test_code_drafter_trains_only_its_own_scales(tmp_path, tokenizer_bundle, sha
         metrics = trainer.train_step(images.to(trainer.device), labels.to(trainer.device))
     assert metrics["loss"].item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="draft_steps must be in 1..3"):
-        TransformerTrainer(tiny_experiment("var.recipe.name=code-drafter", f"var.recipe.base={base}"),
+        VARTrainer(tiny_experiment("var.recipe.name=code-drafter", f"var.recipe.base={base}"),
                            tmp_path / "bad", progress=False)
 
 
@@ -408,13 +408,13 @@ def test_code_refiner_distils_and_decays_the_drafted_scales(tmp_path, tokenizer_
     base = _base_var_run(tmp_path, tokenizer_bundle)
     recipe = ["var.recipe.name=code-refiner", f"var.recipe.teacher={base}", "var.recipe.draft_steps=2",
               "var.recipe.stage1_fraction=0.5", "var.train.steps=20"]
-    same = TransformerTrainer(tiny_experiment(*recipe, f"var.recipe.base={base}"), tmp_path / "same", progress=False)
+    same = VARTrainer(tiny_experiment(*recipe, f"var.recipe.base={base}"), tmp_path / "same", progress=False)
     images, labels = shapes_batch
     with same.accelerator.accumulate(same.model):
         metrics = same.train_step(images.to(same.device), labels.to(same.device))
     assert metrics["kl"].item() < 1e-6  # a student equal to its teacher has nothing to learn
 
-    smaller = TransformerTrainer(tiny_experiment(*recipe, "var.model.depth=1", "var.model.width=16"),
+    smaller = VARTrainer(tiny_experiment(*recipe, "var.model.depth=1", "var.model.width=16"),
                                  tmp_path / "small", progress=False)
     assert smaller.unwrap(smaller.model).config.depth == 1 and smaller.teacher.config.depth == 2
     smaller.step = 5  # stage 1: every scale at full weight
@@ -426,5 +426,5 @@ def test_code_refiner_distils_and_decays_the_drafted_scales(tmp_path, tokenizer_
     first = smaller.fit()
     assert first["kl"] > 0
     with pytest.raises(ValueError, match="teacher"):
-        TransformerTrainer(tiny_experiment("var.recipe.name=code-refiner", "var.recipe.draft_steps=2"),
+        VARTrainer(tiny_experiment("var.recipe.name=code-refiner", "var.recipe.draft_steps=2"),
                            tmp_path / "none", tokenizer=tokenizer_bundle, progress=False)

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from var.train.config import ExperimentConfig, load_experiment
+from var.config import ExperimentConfig, load_experiment
 
 TOP_LEVEL = tuple(field.name for field in dataclasses.fields(ExperimentConfig))
 
@@ -66,7 +66,8 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 
 
 def run_transformer(args: argparse.Namespace) -> None:
-    from var.train.transformer import TransformerTrainer
+    from var.train.ar_trainer import ARTrainer
+    from var.train.var_trainer import VARTrainer
 
     overrides = stage_overrides(args.overrides, "var")
     for flag, key in (("recipe", "name"), ("base", "base"), ("teacher", "teacher"), ("draft_steps", "draft_steps")):
@@ -79,8 +80,8 @@ def run_transformer(args: argparse.Namespace) -> None:
     if tokenizer is None and experiment.var.tokenizer is None and args.config:
         default = Path("runs") / Path(args.config).stem / "tokenizer"
         tokenizer = default if default.exists() else None
-    trainer = TransformerTrainer(experiment, run_dir, tokenizer=tokenizer, model_kind=args.model,
-                                 resume=args.resume, progress=args.progress)
+    trainer_class = {"var": VARTrainer, "ar": ARTrainer}[args.model]
+    trainer = trainer_class(experiment, run_dir, tokenizer=tokenizer, resume=args.resume, progress=args.progress)
     report(trainer, trainer.fit())
 
 

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
+from var.config import load_experiment
 from var.data.digits import DigitsDataset
 from var.eval.classifier import class_consistency, train_digit_classifier
 from var.eval.generate import class_balanced_labels
 from var.eval.images import Samples, save_npz_samples
-from var.pipeline import load_pair
-from var.sample.base import VARSampler
-from var.sample.cli import sample_in_batches
-from var.train.config import load_experiment
+from var.loading import load_pair
+from var.sample.batches import sample_in_batches
+from var.sample.scale import VARSampler
 from var.train.tokenizer import TokenizerTrainer
-from var.train.transformer import TransformerTrainer
+from var.train.var_trainer import VARTrainer
 from var.utils import save_grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
@@ -69,8 +69,7 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
     tokenizer_metrics = TokenizerTrainer(experiment, tokenizer_run, resume=True, progress=progress).fit()
     tokenizer_seconds = time.perf_counter() - phase
     phase = time.perf_counter()
-    var_metrics = TransformerTrainer(experiment, var_run, tokenizer=tokenizer_run, resume=True,
-                                     progress=progress).fit()
+    var_metrics = VARTrainer(experiment, var_run, tokenizer=tokenizer_run, resume=True, progress=progress).fit()
     var_seconds = time.perf_counter() - phase
 
     phase = time.perf_counter()
