@@ -250,7 +250,7 @@ def test_gumbel_max_draws_from_the_processed_distribution():
 
 @pytest.mark.parametrize(("window", "draft_source"), [(2, "recycle"), (3, "recycle"), (4, "guess")])
 def test_sjd_scale_gumbel_mode_equals_plain_gumbel_token_for_token(window, draft_source):
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a model on which every setting below accepts some drafted scale
     patch_nums = (1, 2, 3, 4)
     model = VAR(VARConfig(depth=2, width=32, num_heads=2, vocab_size=16, z_channels=4, num_classes=3,
                           patch_nums=patch_nums, drop_path_rate=0.0))

@@ -8,8 +8,6 @@ one top-k / top-p / temperature value).  The token map is decoded by the tokeniz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from var.models.family import RasterModel
@@ -60,16 +58,11 @@ class RasterSampler(BaseSampler):
         return [tokens], self.tokenizer.tokens_to_latent(tokens, self.model.grid), stats
 
 
-@dataclass
-class AROptions(GumbelOption):
-    """Plain raster decoding: Gumbel noise."""
-
-
 class ARSampler(RasterSampler):
     """Raster-order decoding with a KV cache, one pass per token."""
 
     name = "ar"
-    Options = AROptions
+    Options = GumbelOption
 
     def generate_tokens(self, state: SamplingState) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         device = device_of(self.model)
@@ -84,5 +77,5 @@ class ARSampler(RasterSampler):
             state.passes += 1
             predicted = positions[: state.batch_size] - (length - 1)  # the image token index (B, 1)
             processed = self.processed_logits(state, predicted, self.model.logits(hidden, cond))
-            tokens[:, index] = self.draw(state, processed, predicted)[:, 0]
+            tokens[:, index] = self.draw(state, processed, index)[:, 0]
         return self.finish_tokens(tokens, {**kv_stats(cache), "tokens_per_pass": 1.0})
