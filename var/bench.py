@@ -243,24 +243,25 @@ def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Throughput and peak memory against batch size, one line per (sampler, depth)."""
+    """Throughput and peak memory against batch size, one line per configuration (sampler, depth, options)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(11, 4))
-    series: dict[tuple[str, int], list[dict]] = {}
+    series: dict[str, list[dict]] = {}
     for row in rows:
         if "img_per_s" in row:
-            series.setdefault((row["sampler"], row["depth"]), []).append(row)
-    for (sampler, depth), points in sorted(series.items()):
+            options = " ".join(f"{key}={value}" for key, value in _settings_of(row).items())
+            series.setdefault(f"{row['sampler']} d{row['depth']} {options}".strip(), []).append(row)
+    for label, points in sorted(series.items()):
         points.sort(key=lambda r: r["B"])
         batches = [p["B"] for p in points]
-        ax_speed.plot(batches, [p["img_per_s"] for p in points], marker="o", label=f"{sampler} d{depth}")
+        ax_speed.plot(batches, [p["img_per_s"] for p in points], marker="o", label=label)
         memory = [p.get("peak_GB") if p.get("peak_GB") is not None else (p.get("kv_bytes") or 0) / 1e9
                   for p in points]
-        ax_memory.plot(batches, memory, marker="o", label=f"{sampler} d{depth}")
+        ax_memory.plot(batches, memory, marker="o", label=label)
     for axis, title in ((ax_speed, "images / s"), (ax_memory, "peak memory (GB; KV bytes on CPU)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("batch size")
