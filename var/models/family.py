@@ -135,7 +135,11 @@ class ScaleModel(ConditionedModel, Protocol):
 
 @runtime_checkable
 class ScaleTokenizer(Protocol):
-    """A multi-scale tokenizer (VAR's VQ-VAE; Infinity's BSQ-VAE)."""
+    """A multi-scale tokenizer (VAR's VQ-VAE; Infinity's BSQ-VAE).
+
+    One with a codebook may also offer ``soft_scale_features(weights (B, h*w, V), scale)``, the features of
+    soft code mixtures, which VAR's ``more_smooth`` setting feeds to f_hat.
+    """
 
     def empty_latent(self, batch: int, device: torch.device | str) -> torch.Tensor:
         """The latent f_hat before any scale: zeros."""
