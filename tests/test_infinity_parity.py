@@ -48,9 +48,11 @@ TOLERANCE = {
 }
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    return (a.float() - b.float()).abs().max().item()
+def _max_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference (shapes must agree)."""
+    if ours.shape != reference.shape:
+        raise AssertionError(f"shape {tuple(ours.shape)}, expected {tuple(reference.shape)}")
+    return (ours.double() - reference.double()).abs().max().item()
 
 
 def _state_dict(name: str) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -81,11 +82,8 @@ class ScaleSchedule:
     @property
     def scale_bounds(self) -> list[tuple[int, int]]:
         """(begin, end) token range of every scale in the full sequence."""
-        bounds, begin = [], 0
-        for n in self.tokens_per_scale:
-            bounds.append((begin, begin + n))
-            begin += n
-        return bounds
+        ends = list(accumulate(self.tokens_per_scale))
+        return list(zip([0] + ends[:-1], ends, strict=True))
 
     @property
     def rope_grid(self) -> tuple[int, int]:
