@@ -173,8 +173,10 @@ def test_packed_text_from_padded_and_official_tuple():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     again = PackedText.from_padded(padded, mask)
     assert again.lens == (3, 5) and torch.equal(again.features, text.features)
-    official = PackedText.coerce((text.features, [3, 5], text.cu_seqlens, 5))
-    assert official.lens == (3, 5) and text.cu_seqlens.tolist() == [0, 3, 8]
+    official = PackedText.coerce((text.features, [3, 5], torch.tensor([0, 3, 8], dtype=torch.int32), 5))
+    assert official.lens == (3, 5) and torch.equal(official.features, text.features)
+    with pytest.raises(TypeError, match="official"):
+        PackedText.coerce(text.features)
 
 
 def test_size_registry_and_official_init():
@@ -183,7 +185,7 @@ def test_size_registry_and_official_init():
     assert two_b.num_params() == 2_204_564_032
     assert two_b.config.ffn_hidden == 8192 and two_b.config.text_pool_heads == 16
     assert InfinityConfig(**INFINITY_SIZES["infinity_layer32"]).ffn_hidden == 8192  # 32.5 rounds to even
-    model = build_infinity("infinity_layer12", depth=2, text_channels=256, text_maxlen=4)
+    model = build_infinity("infinity_layer12", depth=1, text_channels=128, text_maxlen=4)
     gates = torch.stack([block.modulation_offset[0, 0, :2].abs().max() for block in model.blocks])
     assert gates.max() < 1e-2  # official AdaLN gate init 1e-3 * randn / sqrt(C)
     assert model.head.bias.abs().max() == 0

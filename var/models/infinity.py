@@ -93,7 +93,7 @@ class InfinityConfig:
         return asdict(self)
 
 
-# The official run_infinity model types (width 64-multiples chosen by the authors; heads as they set them).
+# The official model types of tools/run_infinity.py (depth, width and heads as it sets them).
 INFINITY_SIZES: dict[str, dict] = {
     "infinity_2b": dict(depth=32, width=2048, num_heads=16),
     "infinity_8b": dict(depth=40, width=3584, num_heads=28, bits_per_token=56),  # 14-bit codes, 2x2 patchify
@@ -145,11 +145,6 @@ class PackedText:
     @property
     def batch_size(self) -> int:
         return len(self.lens)
-
-    @property
-    def cu_seqlens(self) -> torch.Tensor:
-        """[0, cumsum(lens)] as int32, the varlen-attention offsets."""
-        return F.pad(torch.tensor(self.lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
 
     def cat(self, other: PackedText) -> PackedText:
         """This batch followed by ``other`` (e.g. the unconditional half of a guidance batch)."""
@@ -486,8 +481,8 @@ class Infinity(nn.Module):
             text = text.cat(uncond)
         with torch.autocast(device_type=text.features.device.type, enabled=False):
             features = self.text_norm(text.features.float())  # (sum(lens), Ct5)
-            mask = torch.arange(max(text.lens), device=features.device) < torch.tensor(
-                text.lens, device=features.device)[:, None]
+            lens = torch.tensor(text.lens, device=features.device)
+            mask = torch.arange(max(text.lens), device=features.device) < lens[:, None]  # (R, max(lens))
             pooled = self.text_pool(None, self.text_pool.keys_values(features, text.lens), mask)[:, 0].float()
             memory = self.text_proj(features)  # (sum(lens), C)
             modulation = self.shared_modulation(F.silu(pooled)).view(-1, 1, 6, self.config.width)
