@@ -110,6 +110,20 @@ def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
+def read_checkpoint_file(path: Path) -> object:
+    """``torch.load(weights_only=True)`` (or safetensors) of an existing file; one clear error if unreadable."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and safetensors errors all mean the same to the user
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:160]
+        raise ValueError(
+            f"cannot read {path} as a checkpoint ({reason}); the file is damaged or not a PyTorch/safetensors "
+            "state dict: download or copy it again"
+        ) from None
+
+
 def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return dict(source), "<state dict>"
@@ -119,17 +133,7 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
             f"checkpoint {path} not found; download the official weights (huggingface.co/FoundationVision/var) "
             "and pass their local path"
         )
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and safetensors errors all mean the same to the user
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:160]
-        raise ValueError(
-            f"cannot read {path} as a checkpoint ({reason}); the file is damaged or not a PyTorch/safetensors "
-            "state dict: download or copy it again"
-        ) from None
+    state = read_checkpoint_file(path)
     if isinstance(state, Mapping) and "trainer" in state and isinstance(state["trainer"], Mapping):
         # an official *training* checkpoint (ar-ckpt-last.pth): the model is inside
         raise ValueError(
