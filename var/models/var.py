@@ -23,6 +23,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from var.models.kv_cache import KVCache
+from var.pretrained import PretrainedMixin
 
 MAX_LOG_TEMPERATURE = math.log(100)
 
@@ -214,9 +215,11 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
     return query_scales[:, None] >= key_scales[None, :]
 
 
-class ConditionalTransformer(nn.Module):
+class ConditionalTransformer(PretrainedMixin, nn.Module):
     """What VAR and the raster AR baseline share: a class embedding with a null class (index
     ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, and the AdaLN head."""
+
+    hub_role = "transformer"
 
     def _build_stack(self, cfg: VARConfig) -> None:
         width = cfg.width
