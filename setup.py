@@ -16,7 +16,9 @@ setup(
         "accelerate",
         "timm",
         "pillow",
-        "torch-fidelity",
+        # var/eval calls torch-fidelity internals (registry, create_feature_extractor, kid/prc_features_to_metric,
+        # FeatureExtractorBase); tests/test_fidelity_internals.py guards them. Tested with 0.4.0.
+        "torch-fidelity>=0.4.0,<0.5",
         "safetensors",
         "pyyaml",
         "tqdm",
