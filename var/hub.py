@@ -289,7 +289,8 @@ def _missing_error(name: str, missing: list[HubFile], hub_cache: Path, why: str)
     for file in missing:
         by_repo.setdefault(file.repo_id, []).append(file.filename)
     listing = "; ".join(f"{repo}: {', '.join(files)}" for repo, files in by_repo.items())
-    command = " && ".join(f"hf download {repo} {' '.join(files)}" for repo, files in by_repo.items())
+    command = " && ".join(f"hf download {repo} {' '.join(files)} --cache-dir {hub_cache}"
+                          for repo, files in by_repo.items())
     return FileNotFoundError(
         f"{name}: {len(missing)} file(s) not in the Hugging Face cache {hub_cache} and {why}: {listing}; "
         f"fetch them where the Hub is reachable ({command}) into that cache"
