@@ -16,8 +16,11 @@ setup(
         "accelerate",
         "timm",
         "pillow",
-        "torch-fidelity",
+        # var/eval calls torch-fidelity internals (registry, create_feature_extractor, kid/prc_features_to_metric,
+        # FeatureExtractorBase); tests/test_fidelity_internals.py guards them. Tested with 0.4.0.
+        "torch-fidelity>=0.4.0,<0.5",
         "safetensors",
+        "huggingface_hub>=0.25",  # var.hub: hf_hub_download, the shared cache, huggingface_hub.errors (0.25+)
         "pyyaml",
         "tqdm",
         "numpy",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +48,20 @@ def digit_classifier():
     from var.eval.classifier import train_digit_classifier
 
     return train_digit_classifier(image_size=16, epochs=6)
+
+
+def put_in_fake_hub(cache: Path, repo_id: str, filename: str, data: bytes, commit: str = "c0ffee" * 6 + "c0ff"
+                    ) -> Path:
+    """Place ``data`` as ``repo_id/filename`` in a Hugging Face cache laid out as hf_hub_download leaves it
+    (blobs/<sha256>, snapshots/<commit>/<filename> -> blob, refs/main); returns the snapshot path."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = repo / "snapshots" / commit / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return link

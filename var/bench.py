@@ -244,33 +244,42 @@ def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Throughput and peak memory against batch size, one line per configuration (sampler, depth, options)."""
-    import matplotlib
+    from var.plots import HIGHER, LOWER, better_title, byte_scale, pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    measured = [row for row in rows if "img_per_s" in row]
+    on_cuda = bool(measured) and all(row.get("peak_GB") is not None for row in measured)
 
-    fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(11, 4))
+    def memory_bytes(row: dict) -> float:  # CUDA: the peak allocation; CPU: only the KV cache is known
+        return row["peak_GB"] * 1e9 if on_cuda else row.get("kv_bytes") or 0
+
+    unit, divisor = byte_scale(map(memory_bytes, measured))
     series: dict[str, list[dict]] = {}
-    for row in rows:
-        if "img_per_s" in row:
-            options = " ".join(f"{key}={value}" for key, value in _settings_of(row).items())
-            series.setdefault(f"{row['sampler']} d{row['depth']} {options}".strip(), []).append(row)
+    for row in measured:
+        options = " ".join(f"{key}={value}" for key, value in _settings_of(row).items())
+        series.setdefault(f"{row['sampler']} d{row['depth']} {options}".strip(), []).append(row)
+    plt = pyplot()
+    fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.4))
     for label, points in sorted(series.items()):
         points.sort(key=lambda r: r["B"])
         batches = [p["B"] for p in points]
-        ax_speed.plot(batches, [p["img_per_s"] for p in points], marker="o", label=label)
-        memory = [p.get("peak_GB") if p.get("peak_GB") is not None else (p.get("kv_bytes") or 0) / 1e9
-                  for p in points]
-        ax_memory.plot(batches, memory, marker="o", label=label)
-    for axis, title in ((ax_speed, "images / s"), (ax_memory, "peak memory (GB; KV bytes on CPU)")):
+        line, = ax_speed.plot(batches, [p["img_per_s"] for p in points], marker="o", label=label)
+        ax_memory.plot(batches, [memory_bytes(p) / divisor for p in points], marker="o", color=line.get_color())
+    batches = sorted({row["B"] for row in measured})
+    memory_title = "Peak CUDA memory" if on_cuda else "KV cache size, CPU run"
+    memory_label = f"{'peak CUDA memory' if on_cuda else 'KV cache'} ({unit})"
+    for axis, title, ylabel, better in ((ax_speed, "Throughput", "images / s", HIGHER),
+                                         (ax_memory, memory_title, memory_label, LOWER)):
         axis.set_xscale("log", base=2)
-        axis.set_xlabel("batch size")
-        axis.set_title(title)
+        axis.set_xticks(batches, [str(b) for b in batches])
+        axis.minorticks_off()
+        axis.set_xlabel("batch size (images)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(better_title(title, better), fontsize=10)
         axis.grid(alpha=0.3)
-    ax_speed.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if series:
+        fig.legend(title="sampler, depth, options", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle("Sampling speed and memory by batch size (random weights; min over timed runs)")
+    save_figure(fig, path, dpi=120)
 
 
 def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argparse.Namespace,

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "var.bench",
     "var.train.cli",
     "var.train.demo",
+    "var.doctor",
 ]
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="var",
         description="Visual autoregressive (next-scale prediction) image generation toolkit",
     )
+    parser.add_argument("--version", action="version", version=importlib.import_module("var.doctor").version_line())
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)

@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: devices, precision, image conversion, seeding, atomic writes.
+"""Small helpers shared across the package: devices, precision, image conversion, seeding, atomic writes,
+the cache folder.
 
 Library code raises exceptions (ValueError, FileNotFoundError) with one clear line; ``var.cli.main`` turns them
 into the command's error message.
@@ -7,6 +8,7 @@ into the command's error message.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import tempfile
@@ -111,3 +113,35 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> None:
             np.savez(handle, **arrays)
 
     atomic_write(path, write)
+
+
+def cache_dir() -> Path:
+    """Where the toolkit caches what it computes once (reference statistics, trained judges, weight hashes):
+    ``$VAR_CACHE_DIR`` or ``~/.cache/var``."""
+    return Path(os.environ.get("VAR_CACHE_DIR") or Path.home() / ".cache" / "var")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+BYTE_UNITS = (("B", 1), ("kB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12))
+
+
+def byte_unit(largest: float) -> tuple[str, int]:
+    """(name, divisor) of the decimal byte unit that shows ``largest`` bytes as a number from 1 to 1000."""
+    for name, divisor in reversed(BYTE_UNITS):
+        if abs(largest) >= divisor:
+            return name, divisor
+    return BYTE_UNITS[0]
+
+
+def format_bytes(count: float) -> str:
+    """12_345_678 -> '12.3 MB'."""
+    name, divisor = byte_unit(count)
+    return f"{count / divisor:.3g} {name}" if divisor > 1 else f"{int(count)} B"

@@ -5,7 +5,7 @@ replace Inception's for IS and give class-consistency (argmax == conditioning la
 initialised Inception, these move monotonically with image quality on digits (spec_eval.md 4c).
 
 Without an explicit weights file the classifier is trained once (seeded, a few seconds) and cached under
-:func:`~var.eval.fidelity.eval_cache_dir`, so every run uses the same judge.
+:func:`~var.utils.cache_dir`, so every run uses the same judge.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from var.eval.classifier import DigitClassifier, load_digit_classifier, save_digit_classifier, train_digit_classifier
-from var.eval.fidelity import ExtractorWeights, check_uint8_images, eval_cache_dir, register_extractor, sha256_of
+from var.eval.fidelity import ExtractorWeights, check_uint8_images, register_extractor
+from var.utils import cache_dir, sha256_of
 
 DIGITS_EXTRACTOR = "digits-classifier"
 FEATURES = str(DigitClassifier.feature_dim)
@@ -32,7 +33,7 @@ def resolve_digit_classifier(path: str | None = None) -> ExtractorWeights:
         if not Path(path).is_file():
             raise FileNotFoundError(f"digit classifier weights {path} not found")
     else:
-        path = eval_cache_dir() / f"digit_classifier-{TRAIN_IMAGE_SIZE}px-e{TRAIN_EPOCHS}-s{TRAIN_SEED}.safetensors"
+        path = cache_dir() / f"digit_classifier-{TRAIN_IMAGE_SIZE}px-e{TRAIN_EPOCHS}-s{TRAIN_SEED}.safetensors"
         if not path.is_file():
             print(f"training the digit classifier once (cached at {path})", file=sys.stderr)
             save_digit_classifier(train_digit_classifier(TRAIN_IMAGE_SIZE, TRAIN_EPOCHS, TRAIN_SEED), path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -29,17 +28,14 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
+from var.utils import sha256_of
+
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 INCEPTION_SHA256_PREFIX = "6726825d"
 DOWNLOADING_EXTRACTORS = ("vgg16", "clip-", "dinov2-")  # torch-fidelity built-ins that fetch weights when run
 SMALL_HOST_CPUS = 8  # below this, torch-fidelity runs without DataLoader workers and with the low-RAM P/R path
-
-
-def eval_cache_dir() -> Path:
-    """Where evaluation caches reference statistics and trained judges: ``$VAR_CACHE_DIR`` or ``~/.cache/var``."""
-    return Path(os.environ.get("VAR_CACHE_DIR") or Path.home() / ".cache" / "var")
 
 
 def small_host() -> bool:
@@ -80,14 +76,6 @@ def strict_fp32() -> Iterator[None]:
     finally:
         for (owner, name, _), value in zip(knobs, saved, strict=True):
             setattr(owner, name, value)
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ A reference is one of
 * a training config (``configs/*.yaml``, optionally ``:train``/``:val``, default train): the images of its
   ``data:`` section, at the samples' size, with the deterministic (centre-crop, no flip) transform.
 
-Features of reference images are cached in :func:`~var.eval.fidelity.eval_cache_dir` under a key made of the
+Features of reference images are cached in :func:`~var.utils.cache_dir` under a key made of the
 source's content fingerprint, the extractor name, its weights' sha256, the layer and the image size, so a
 different weights file (say random test weights) can never be served stale statistics.
 """
@@ -32,10 +32,10 @@ from var.config import ConfigError, load_experiment
 from var.data import DigitsDataset, ShapesDataset
 from var.data.imagefolder import ImageFolderDataset, official_transform
 from var.data.registry import SPLITS, DataConfig, build_dataset
-from var.eval.fidelity import FeatureExtractor, eval_cache_dir, sha256_of
+from var.eval.fidelity import FeatureExtractor
 from var.eval.images import ImageFolder, load_npz_samples
 from var.eval.metrics import FeatureStats
-from var.utils import atomic_savez, atomic_write, to_uint8
+from var.utils import atomic_savez, atomic_write, cache_dir, sha256_of, to_uint8
 
 SHAPES_REFERENCE_SIZE = 2000
 DATASETS = {
@@ -215,7 +215,7 @@ def reference_features(
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.spec).stem)[:40]
-    cache_path = eval_cache_dir() / "reference" / f"{slug}-{extractor.name}-{key}.pt"
+    cache_path = cache_dir() / "reference" / f"{slug}-{extractor.name}-{key}.pt"
     meta = {"cache_key": key_fields, "cache_path": str(cache_path) if use_cache else None}
     if use_cache and cache_path.is_file():
         return torch.load(cache_path, weights_only=True), {**meta, "cached": True}

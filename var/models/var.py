@@ -24,6 +24,7 @@ from torch import nn
 
 from var.models.family import Conditions, ScaleSchedule
 from var.models.kv_cache import KVCache
+from var.pretrained import PretrainedMixin
 
 MAX_LOG_TEMPERATURE = math.log(100)
 
@@ -224,11 +225,12 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
     return query_scales[:, None] >= key_scales[None, :]
 
 
-class ConditionalTransformer(nn.Module):
+class ConditionalTransformer(PretrainedMixin, nn.Module):
     """What VAR and the raster AR baseline share: a class embedding with a null class (index
     ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, the AdaLN head, the official
     initialisation and the class conditions of var/models/family.py."""
 
+    hub_role = "transformer"
     position_parameters: tuple[str, ...] = ()  # learned position tables, drawn with std sqrt(1 / (3 width))
 
     def __init__(self, cfg: TransformerConfig):

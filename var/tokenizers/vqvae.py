@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from var.pretrained import PretrainedMixin
 from var.tokenizers.quantizer import MultiScaleQuantizer
 
 OFFICIAL_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -225,12 +226,14 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class VQVAE(nn.Module):
+class VQVAE(PretrainedMixin, nn.Module):
     """The multi-scale VQ-VAE tokenizer.
 
     Images are (B, 3, H, W) in [-1, 1] with H = W = ``patch_nums[-1] * downsample``.  Token maps are lists of
     (B, pn*pn) int64 tensors, one per scale.
     """
+
+    hub_role = "tokenizer"
 
     def __init__(self, cfg: VQVAEConfig | None = None, **overrides):
         super().__init__()
