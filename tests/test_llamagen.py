@@ -26,9 +26,8 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 def tiny_llamagen(model_type: str = "c2i", seed: int = 0, **overrides) -> LlamaGen:
     """A 2-layer LlamaGen with large random weights (the official init zeroes the head: uniform logits)."""
-    base = dict(dim=32, n_layer=2, n_head=2, vocab_size=16, block_size=16, num_classes=3, model_type=model_type)
-    if model_type == "t2i":
-        base.update(cls_token_num=4, caption_dim=8)
+    base = dict(dim=32, n_layer=2, n_head=2, vocab_size=16, block_size=16, model_type=model_type)
+    base.update(num_classes=3) if model_type == "c2i" else base.update(cls_token_num=4, caption_dim=8)
     base.update(overrides)
     torch.manual_seed(seed)
     model = LlamaGen(LlamaGenConfig(**base))

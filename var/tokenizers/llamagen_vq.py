@@ -287,5 +287,9 @@ class LlamaGenVQ(nn.Module):
         (``.add(1).div(2)`` for [0, 1], as the official scripts save them)."""
         return self.latent_to_images(self.tokens_to_latent(tokens))
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction: images (B, 3, H, W) in [-1, 1] -> encode -> decode, unclamped (official ``forward``)."""
+        return self.decode(self.encode(images)[0])
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
