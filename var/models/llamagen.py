@@ -167,9 +167,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-def attention_mask(
-    positions: torch.Tensor, num_keys: int, text_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def attention_mask(positions: torch.Tensor, num_keys: int, text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask (B, 1, n, num_keys), True = may attend, for queries at ``positions`` (B, n).
 
     Key slot s holds absolute position s: a query at position p sees slots <= p (the official absolute-position
@@ -179,11 +177,10 @@ def attention_mask(
     same text mask applies to the unconditional half.
     """
     keys = torch.arange(num_keys, device=positions.device)
-    own = keys == positions.unsqueeze(-1)  # (B, n, num_keys)
-    mask = keys <= positions.unsqueeze(-1)
+    mask = keys <= positions.unsqueeze(-1)  # (B, n, num_keys)
     if text_mask is not None:
         visible = F.pad(text_mask.bool(), (0, num_keys - text_mask.shape[1]), value=True)  # (B, num_keys)
-        mask = (mask & visible.unsqueeze(1)) | own
+        mask = (mask & visible.unsqueeze(1)) | (keys == positions.unsqueeze(-1))
     return mask.unsqueeze(1)
 
 
