@@ -28,6 +28,8 @@ setup(
         "scipy",
         "tensorboard",
         "matplotlib",
+        "transformers>=5",  # the T5 text encoder of text-to-image models (var/text.py)
+        "sentencepiece",  # T5 tokenizers shipped as spiece.model only
     ],
     extras_require={"dev": ["pytest", "ruff", "lpips"]},
     entry_points={"console_scripts": ["var=var.cli:main"]},
