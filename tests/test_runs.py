@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import make_tiny_pair
 from safetensors.torch import load_file
-from test_train import TINY, tiny_experiment
+from test_train import TINY, _interrupt_and_resume, tiny_experiment
 
 from var.cli import main
 from var.distributed import LaunchError, check_launch, launch_problem, quiet_other_processes
@@ -132,6 +132,23 @@ def test_accelerate_state_restores_every_random_generator(tmp_path):
     accelerator.load_state(str(tmp_path / "state"))
     drawn = (random.random(), np.random.rand(), torch.rand(3))
     assert drawn[:2] == expected[:2] and torch.equal(drawn[2], expected[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling (accelerate's scaler.pt) needs CUDA")
+def test_fp16_resume_restores_the_loss_scale_and_takes_a_bf16_checkpoint(tmp_path):
+    def experiment(precision: str, steps: int = 4):
+        return tiny_experiment(f"tokenizer.train.steps={steps}", "tokenizer.train.checkpoint_every=2",
+                               f"tokenizer.train.mixed_precision={precision}")
+
+    _interrupt_and_resume(lambda run, resume: TokenizerTrainer(experiment("fp16"), run, resume=resume,
+                                                               progress=False), tmp_path, "vqvae.safetensors")
+    scalers = [torch.load(tmp_path / run / "checkpoints" / "step_0000004" / "scaler.pt", weights_only=True)
+               for run in ("a", "b")]
+    assert scalers[0]["_growth_tracker"] == 4 and scalers[1] == scalers[0]  # counted on from the checkpoint
+    TokenizerTrainer(experiment("bf16", steps=2), tmp_path / "c", progress=False).fit()
+    resumed = TokenizerTrainer(experiment("fp16"), tmp_path / "c", resume=True, progress=False)  # no scaler.pt
+    assert resumed.step == 2
+    resumed.fit()
 
 
 # -- start-up checks: nothing written ----------------------------------------------------------------------------

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import SCALER_NAME, GradScalerKwargs, ProjectConfiguration, is_tensorboard_available
+from accelerate.utils import (
+    RNG_STATE_NAME,
+    SCALER_NAME,
+    GradScalerKwargs,
+    ProjectConfiguration,
+    is_tensorboard_available,
+)
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -324,6 +330,11 @@ class Trainer:
         self.accelerator.save_state(str(temporary))  # optimizers, fp16 scaler, random_states_<rank>.pkl
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            missing = [rank for rank in range(self.accelerator.num_processes)
+                       if not (temporary / f"{RNG_STATE_NAME}_{rank}.pkl").is_file()]
+            if missing:  # each process wrote its RNG state into its own view of the run directory
+                warnings.warn(f"{temporary.name} lacks the RNG state of process(es) {missing}: put the run directory "
+                              "on a filesystem every process shares, or a resume will not be exact", stacklevel=2)
             self.save_models(temporary)
             state = {
                 "step": self.step,
