@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         # bad input from the user: one clear line, no traceback
         sys.exit(f"var {args.command}: error: {error}")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: no traceback; training says what it saved and how to resume
+        if str(interrupt):
+            print(f"var {args.command}: {interrupt}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,8 @@ class TrainConfig:
     """Length, batch, precision and bookkeeping of one training stage.
 
     Length is ``steps`` optimizer steps, or ``epochs`` passes over the data when ``steps`` is 0.
-    ``batch_size`` is per process; ``mixed_precision`` is "no", "bf16" or "fp16" (accelerate autocast).
+    ``batch_size`` is per process; ``mixed_precision`` is "no", "bf16" or "fp16" (accelerate autocast), or unset
+    to take ``accelerate launch --mixed_precision``.
     ``ema_decay`` > 0 keeps an exponential moving average of the weights and saves it as the model to sample
     with.  Checkpoints are written every ``checkpoint_every`` steps and at the end; the newest
     ``keep_checkpoints`` are kept.
@@ -200,7 +201,7 @@ class TrainConfig:
     batch_size: int = 64
     grad_accum: int = 1
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     compile: bool = False
     ema_decay: float = 0.0
     log_every: int = 50

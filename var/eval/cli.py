@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> None:
     if args.samples:
         if state.is_main_process:
             export_and_evaluate(load_samples(args.samples), evaluator, out, args, {"samples": args.samples})
+        elif evaluator is not None:
+            evaluator.evaluate(None)  # extract this process's share of the features
         return
 
     vqvae, model = load_models(args, device)
@@ -202,6 +204,8 @@ def run(args: argparse.Namespace) -> None:
                                    state, progress=not args.no_progress)
         seconds = time.perf_counter() - start
         if not state.is_main_process:
+            if evaluator is not None:
+                evaluator.evaluate(None)  # extract this process's share of the features
             continue
         report = {"sampling": {
             "model": args.ckpt or {"vae": args.vae, "var": args.var},

@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import var.eval.digit_features  # noqa: F401  (registers the "digits-classifier" extractor)
@@ -99,32 +101,52 @@ class Evaluator:
             "device": str(self.extractor.device),
         }
 
-    def reference(self, image_size: int) -> Reference:
-        """The reference, loaded (and for image references, extracted or read from cache) once per image size."""
+    def reference(self, image_size: int, state: PartialState | None = None) -> Reference | None:
+        """The reference, loaded (and for image references, extracted or read from cache) once per image size.
+
+        Under several processes every one calls this (the extraction is sharded); the others get None.
+        """
         if image_size not in self._references:
             need_features = "kid" in self.metrics or "pr" in self.metrics
             self._references[image_size] = load_reference(
                 self.source, self.extractor, self.fid_layer, need_features,
                 image_size=image_size, resize=self.ref_resize, batch_size=self.batch_size,
-                use_cache=self.use_cache, progress=self.progress,
+                use_cache=self.use_cache, progress=self.progress, state=state,
             )
         return self._references[image_size]
 
-    def evaluate(self, samples: Samples, save_stats_to: str | None = None) -> dict:
-        """Metrics of ``samples`` (and their FID statistics written to ``save_stats_to``, if given)."""
+    def evaluate(self, samples: Samples | None, save_stats_to: str | None = None) -> dict | None:
+        """Metrics of ``samples`` (and their FID statistics written to ``save_stats_to``, if given).
+
+        Under ``accelerate launch`` every process calls this, the main process with the samples and the others
+        with None: each extracts its share of the features (and of the reference's), the main process gets the
+        metrics, the others None.
+        """
+        state = PartialState()
+        sharded = state if state.num_processes > 1 else None
+        image_size = [samples.images.shape[-1] if samples is not None else None]
+        if sharded:
+            broadcast_object_list(image_size)
+        uses_reference = self.source is not None and any(m in REFERENCE_METRICS for m in self.metrics)
         start = time.perf_counter()
-        features = self.extractor.extract(samples.images, self.batch_size, self.progress, desc="sample features")
+        features = self.extractor.extract(samples.images if samples is not None else None, self.batch_size,
+                                          self.progress, desc="sample features", state=sharded)
         seconds = time.perf_counter() - start
+        if not state.is_main_process:
+            if uses_reference:
+                self.reference(image_size[0], sharded)
+            return None
         results: dict = {"num_samples": len(samples.images), "extraction_s": round(seconds, 3),
-                         "extraction_images_per_s": round(len(samples.images) / max(seconds, 1e-9), 2)}
+                         "extraction_images_per_s": round(len(samples.images) / max(seconds, 1e-9), 2),
+                         "extraction_shares": self.extractor.shares}
         notes = []
         stats = None
         if "fid" in self.metrics or save_stats_to:
             stats = FeatureStats.from_features(features[self.fid_layer])
         if save_stats_to:
             save_stats(save_stats_to, stats, self.extractor, self.fid_layer)
-        if self.source is not None and any(m in REFERENCE_METRICS for m in self.metrics):
-            reference = self.reference(samples.images.shape[-1])
+        if uses_reference:
+            reference = self.reference(image_size[0], sharded)
             if "fid" in self.metrics:
                 results["fid"] = frechet_distance(stats, reference.stats)
             if reference.features is None and ("kid" in self.metrics or "pr" in self.metrics):

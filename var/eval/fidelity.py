@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
@@ -194,6 +197,7 @@ class FeatureExtractor:
         self.network = create_feature_extractor(
             name, self.layers, **fidelity_kwargs(cuda, feature_extractor_weights_path=weights.path)
         )
+        self.shares: list[int] = []  # images each process extracted in the last call (see extract)
 
     @property
     def cuda(self) -> bool:
@@ -202,26 +206,105 @@ class FeatureExtractor:
     @torch.no_grad()
     def extract(
         self,
-        images: torch.Tensor | Dataset,
+        images: torch.Tensor | Dataset | None,
         batch_size: int = 100,
         progress: bool = True,
         desc: str = "features",
-    ) -> dict[str, torch.Tensor]:
-        """Features per layer (N, D), float32 on the CPU, of a uint8 tensor or a Dataset of uint8 (3, H, W)."""
-        if isinstance(images, torch.Tensor):
-            check_uint8_images(images, desc)
-            batches = images.split(batch_size)
+        state: PartialState | None = None,
+    ) -> dict[str, torch.Tensor] | None:
+        """Features per layer (N, D), float32 on the CPU, of a uint8 tensor or a Dataset of uint8 (3, H, W).
+
+        Under several processes (``state``) the work is sharded like sampling: the images are cut into the
+        batches one process would use and process p extracts batches p, p+P, ..., so every feature is computed
+        exactly as by one process.  A Dataset is read by every process; a tensor is needed on the main process
+        only (pass None on the others), which scatters its batches.  The main process returns every feature in
+        order, the others None; ``shares`` then lists how many images each process extracted.
+        """
+        processes = 1 if state is None else state.num_processes
+        if processes == 1:
+            if isinstance(images, torch.Tensor):
+                check_uint8_images(images, desc)
+                batches = images.split(batch_size)
+            else:
+                batches = self._loader(images, batch_size)
+            features = self._run(batches, len(images), progress, desc)
+            self.shares = [len(images)]
+            return _concatenate(features, desc)
+        if images is None or isinstance(images, torch.Tensor):
+            count, batches = _scattered_batches(images, batch_size, state, desc)
         else:
-            workers = 0 if small_host() else min(4, os.cpu_count() or 1)
-            batches = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=self.cuda)
+            count = len(images)
+            mine = range(state.process_index, math.ceil(count / batch_size), processes)
+            indices = [i for b in mine for i in range(b * batch_size, min((b + 1) * batch_size, count))]
+            batches = self._loader(Subset(images, indices), batch_size)
+        local = self._run(batches, None, progress and state.is_main_process, f"{desc} (process 0 of {processes})")
+        rows = sum(len(value) for value in local[self.layers[0]])
+        arrays = {layer: torch.cat(values).numpy() for layer, values in local.items()} if rows else None
+        gathered = gather_object([(state.process_index, rows, arrays)])  # numpy: pickles on every backend
+        if not state.is_main_process:
+            return None
+        gathered.sort(key=lambda item: item[0])
+        self.shares = [rows for _, rows, _ in gathered]
+        by_rank = [arrays for _, _, arrays in gathered]
+        ordered: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        for batch in range(math.ceil(count / batch_size)):
+            rank, nth = batch % processes, batch // processes
+            rows = slice(nth * batch_size, (nth + 1) * batch_size)
+            for layer in self.layers:
+                ordered[layer].append(torch.from_numpy(by_rank[rank][layer][rows]))
+        return _concatenate(ordered, desc)
+
+    def _loader(self, images: Dataset, batch_size: int) -> DataLoader:
+        workers = 0 if small_host() else min(4, os.cpu_count() or 1)
+        return DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=self.cuda)
+
+    def _run(self, batches, total: int | None, progress: bool, desc: str) -> dict[str, list[torch.Tensor]]:
+        """The network over ``batches`` of uint8 images: per layer, one float32 CPU tensor per batch."""
         outputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-        with strict_fp32(), tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        with strict_fp32(), tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
             for batch in batches:
                 check_uint8_images(batch, desc)
                 features = self.network(batch.to(self.device, non_blocking=True))
                 for layer, value in zip(self.layers, features, strict=True):
                     outputs[layer].append(value.float().cpu())
                 bar.update(len(batch))
-        if not outputs[self.layers[0]]:
-            raise ValueError(f"no {desc} to extract features from")
-        return {layer: torch.cat(values) for layer, values in outputs.items()}
+        return outputs
+
+
+def _concatenate(outputs: dict[str, list[torch.Tensor]], desc: str) -> dict[str, torch.Tensor]:
+    if not next(iter(outputs.values())):
+        raise ValueError(f"no {desc} to extract features from")
+    return {layer: torch.cat(values) for layer, values in outputs.items()}
+
+
+def _scattered_batches(images: torch.Tensor | None, batch_size: int, state: PartialState, desc: str
+                       ) -> tuple[int, Iterator[torch.Tensor]]:
+    """(image count, this process's batches) of a uint8 tensor held by the main process, scattered round by round.
+
+    Round r sends global batch r*P + p to process p (zero-padded to ``batch_size`` rows); every process takes part
+    in every round, also when it has no batch left in the last one.
+    """
+    header = [None]
+    if state.is_main_process:
+        check_uint8_images(images, desc)
+        header = [tuple(images.shape)]
+    broadcast_object_list(header)
+    count, *item_shape = header[0]
+    processes, rank = state.num_processes, state.process_index
+
+    def batches() -> Iterator[torch.Tensor]:
+        num_batches = math.ceil(count / batch_size)
+        for first in range(0, num_batches, processes):
+            starts = [(first + p) * batch_size for p in range(processes)]
+            sizes = [max(0, min(batch_size, count - start)) for start in starts]
+            received = torch.empty(batch_size, *item_shape, dtype=torch.uint8, device=state.device)
+            pieces = None
+            if state.is_main_process:
+                pieces = [torch.zeros_like(received) for _ in range(processes)]
+                for piece, start, size in zip(pieces, starts, sizes, strict=True):
+                    piece[:size] = images[start: start + size]
+            torch.distributed.scatter(received, pieces, src=0)
+            if sizes[rank]:
+                yield received[: sizes[rank]]
+
+    return count, batches()

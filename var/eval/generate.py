@@ -16,6 +16,7 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm import tqdm
 
+from var.distributed import check_launch, quiet_other_processes
 from var.eval.images import Samples
 from var.sample.batches import sample_in_batches
 from var.utils import resolve_device
@@ -33,11 +34,13 @@ def class_balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
 def process_state(device: str = "auto") -> tuple[PartialState, torch.device]:
     """accelerate's process state and this process's device ('cpu' runs the processes over gloo).
 
-    The collective timeout is long because the other processes wait in the next gather while the main
-    process extracts features and writes exports (minutes for 50k samples).
+    The collective timeout is long because the other processes wait in the next collective while the main
+    process writes exports (minutes for 50k samples).  Python warnings show on the main process only.
     """
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    check_launch(state.num_processes)  # e.g. ``accelerate launch --cpu --num_processes 2`` runs one process
+    quiet_other_processes(state.is_main_process)
     if device == "auto" or state.num_processes > 1:
         return state, state.device
     return state, resolve_device(device)

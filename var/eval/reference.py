@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import Dataset
 
 from var.config import ConfigError, load_experiment
@@ -204,8 +206,14 @@ def reference_features(
     batch_size: int = 100,
     use_cache: bool = True,
     progress: bool = True,
-) -> tuple[torch.Tensor, dict]:
-    """FID-layer features of the reference images, extracted once and then read from the cache."""
+    state: PartialState | None = None,
+) -> tuple[torch.Tensor | None, dict]:
+    """FID-layer features of the reference images, extracted once and then read from the cache.
+
+    Under several processes (``state``) every process takes part in the extraction (sharded, see
+    :meth:`FeatureExtractor.extract`) and only the main process reads or writes the cache and gets the features
+    (the others get None).
+    """
     key_fields = {
         "source": source.fingerprint(image_size, resize),
         "extractor": extractor.name,
@@ -217,14 +225,21 @@ def reference_features(
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.spec).stem)[:40]
     cache_path = cache_dir() / "reference" / f"{slug}-{extractor.name}-{key}.pt"
     meta = {"cache_key": key_fields, "cache_path": str(cache_path) if use_cache else None}
-    if use_cache and cache_path.is_file():
-        return torch.load(cache_path, weights_only=True), {**meta, "cached": True}
-    features = extractor.extract(
-        source.images(image_size, resize), batch_size, progress, desc="reference features"
-    )[layer]
+    main = state is None or state.is_main_process
+    cached = [use_cache and cache_path.is_file()]
+    if state is not None:
+        broadcast_object_list(cached)  # the main process's answer: all processes skip or all extract
+    if cached[0]:
+        return (torch.load(cache_path, weights_only=True) if main else None), {**meta, "cached": True}
+    tensor_source = source.kind in ("stats", "images")  # read by the main process, which scatters the batches
+    images = source.images(image_size, resize) if main or not tensor_source else None
+    features = extractor.extract(images, batch_size, progress, desc="reference features", state=state)
+    if not main:
+        return None, meta
+    features = features[layer]
     if use_cache:
         atomic_write(cache_path, lambda tmp: torch.save(features, tmp))
-    return features, {**meta, "cached": False}
+    return features, {**meta, "cached": False, "extraction_shares": extractor.shares}
 
 
 def load_reference(
@@ -237,15 +252,22 @@ def load_reference(
     batch_size: int = 100,
     use_cache: bool = True,
     progress: bool = True,
-) -> Reference:
-    """Statistics (and, when ``need_features`` and the reference has images, features) of a reference."""
+    state: PartialState | None = None,
+) -> Reference | None:
+    """Statistics (and, when ``need_features`` and the reference has images, features) of a reference.
+
+    Under several processes (``state``) all of them must call this; the main process gets the reference, the
+    others (which only help extract) None.
+    """
     meta = {"spec": source.spec, "kind": source.kind}
     features = None
     if source.kind != "stats" or (need_features and source.has_images):
         features, cache_meta = reference_features(
-            source, extractor, layer, image_size, resize, batch_size, use_cache, progress
+            source, extractor, layer, image_size, resize, batch_size, use_cache, progress, state
         )
-        meta.update(cache_meta, num_images=len(features))
+        meta.update(cache_meta, num_images=len(features) if features is not None else None)
+    if state is not None and not state.is_main_process:
+        return None
     if source.kind == "stats":
         stats = _read_stats(source.spec, extractor)  # FID uses the file's mu/sigma, as the OpenAI evaluator does
     else:

@@ -23,6 +23,7 @@ from var.eval.images import Samples, save_npz_samples
 from var.loading import load_pair
 from var.sample.batches import sample_in_batches
 from var.sample.scale import VARSampler
+from var.train.runs import RunDirectory
 from var.train.tokenizer import TokenizerTrainer
 from var.train.var_trainer import VARTrainer
 from var.utils import save_grid
@@ -66,10 +67,12 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
                          f"got {experiment.data.name}")
     tokenizer_run, var_run = out / "tokenizer_run", out / "var_run"
     phase = time.perf_counter()
-    tokenizer_metrics = TokenizerTrainer(experiment, tokenizer_run, resume=True, progress=progress).fit()
+    tokenizer_metrics = TokenizerTrainer(experiment, tokenizer_run, resume=RunDirectory(tokenizer_run).exists(),
+                                         progress=progress).fit()
     tokenizer_seconds = time.perf_counter() - phase
     phase = time.perf_counter()
-    var_metrics = VARTrainer(experiment, var_run, tokenizer=tokenizer_run, resume=True, progress=progress).fit()
+    var_metrics = VARTrainer(experiment, var_run, tokenizer=tokenizer_run, resume=RunDirectory(var_run).exists(),
+                             progress=progress).fit()
     var_seconds = time.perf_counter() - phase
 
     phase = time.perf_counter()

@@ -2,33 +2,45 @@
 
 A stage (tokenizer, VAR, raster AR) subclasses :class:`Trainer` and provides the models, one step of its
 objective, and how its models are written into a checkpoint bundle; this module owns everything else.
-Accelerate does device placement, mixed precision, gradient accumulation and DDP (``accelerate launch``).
+Accelerate does device placement, mixed precision, gradient accumulation and DDP (``accelerate launch``), and
+saves the optimizers, the fp16 loss scaler and every process's RNG state into each checkpoint
+(``save_state``/``load_state``).  Model weights are ours: the bundle's safetensors (unwrapped, so a
+checkpoint resumes under any number of processes) plus, with EMA, the trained weights in the training state.
+What accelerate does not give (atomic checkpoint directories, ``latest``, pruning, exact data position) lives
+in var/train/runs.py and var/train/data.py.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import GradScalerKwargs, ProjectConfiguration, gather_object, is_tensorboard_available
+from accelerate.utils import (
+    RNG_STATE_NAME,
+    SCALER_NAME,
+    GradScalerKwargs,
+    ProjectConfiguration,
+    is_tensorboard_available,
+)
 from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from var.checkpoints import strict_load
-from var.config import ExperimentConfig, TrainConfig, save_config, to_dict
+from var.config import ExperimentConfig, TrainConfig, to_dict
+from var.distributed import check_launch, quiet_other_processes
 from var.train.data import resumable_loader
 from var.train.optim import apply_schedules, peak_learning_rate
-from var.train.runs import TRAINING_STATE, RunDirectory, capture_rng, restore_rng
+from var.train.runs import TRAINING_STATE, RunDirectory, file_sizes
 from var.utils import seed_everything
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -36,6 +48,12 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FP16_INIT_SCALE = 2.0**11
 FP16_GROWTH_INTERVAL = 1000
 FP16_MAX_SCALE = 2.0**15
+# the command that continues a run of each stage (Trainer.name)
+RESUME_COMMANDS = {"tokenizer": "var train-tokenizer", "var": "var train", "ar": "var train --model ar"}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what was saved and how to continue (empty off the main process)."""
 
 
 def cap_loss_scale(scaler: torch.amp.GradScaler | None, max_scale: float = FP16_MAX_SCALE) -> None:
@@ -58,15 +76,52 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _portable_rng(state: dict) -> dict:
-    """RNG state with NumPy's array as a tensor, so the checkpoint loads with ``weights_only=True``."""
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    return {**state, "numpy": (name, torch.from_numpy(keys.copy()), position, has_gauss, gauss)}
+def exponential_moving_average(model: nn.Module, decay: float) -> ModelEmaV3:
+    """timm's EMA of ``model`` (``.update(model)`` after each optimizer step, the average in ``.module``).
+
+    Float tensors lerp towards the trained ones by ``1 - decay``, integer buffers are copied.  The weights are
+    fp32 (autocast does the mixed precision), so no stochastic rounding: its private RNG would not be in the
+    checkpoint and a resumed EMA would differ.
+    """
+    return ModelEmaV3(model, decay=decay, stochastic_rounding=False).requires_grad_(False)
 
 
-def _native_rng(state: dict) -> dict:
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    return {**state, "numpy": (name, keys.numpy().astype(np.uint32), position, has_gauss, gauss)}
+def check_train_config(train: TrainConfig, section: str) -> None:
+    """Reject settings that would give an empty or broken run, before anything is written.
+
+    ``section`` names the config section in messages (``tokenizer.train`` or ``var.train``).
+    """
+    minimums = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "checkpoint_every": 1,
+                "keep_checkpoints": 1, "sample_every": 0, "seed": 0}
+    for name, minimum in minimums.items():
+        value = getattr(train, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{section}.{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(train.epochs, bool) or not isinstance(train.epochs, (int, float)) or train.epochs < 0:
+        raise ValueError(f"{section}.epochs must be a number >= 0, got {train.epochs!r}")
+    if train.steps == 0 and train.epochs == 0:
+        raise ValueError(f"set {section}.steps (optimizer steps) or {section}.epochs to a positive number")
+    if not 0 <= train.ema_decay < 1:
+        raise ValueError(f"{section}.ema_decay must be in [0, 1) (0 = no EMA), got {train.ema_decay!r}")
+    if train.mixed_precision is not None and train.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"{section}.mixed_precision must be one of {', '.join(MIXED_PRECISION)} (or unset to "
+                         f"take the launcher's), got '{train.mixed_precision}'")
+
+
+def resolve_precision(configured: str | None, section: str) -> tuple[str, str]:
+    """(precision, where it came from): the config's value when set, else ``accelerate launch --mixed_precision``."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if configured is not None:
+        origin = f"{section}.mixed_precision"
+        if launcher is not None and launcher != configured:
+            origin += f", which overrides the launcher's {launcher}"
+        return configured, origin
+    if launcher is None:
+        return "no", f"default; set {section}.mixed_precision or accelerate launch --mixed_precision"
+    if launcher not in MIXED_PRECISION:
+        raise ValueError(f"accelerate launch --mixed_precision {launcher} is not supported; use one of "
+                         f"{', '.join(MIXED_PRECISION)}")
+    return launcher, "accelerate launch --mixed_precision"
 
 
 class Trainer:
@@ -76,7 +131,8 @@ class Trainer:
         experiment: the whole experiment config (saved to RUN/config.yaml).
         train: the stage's :class:`TrainConfig`.
         run_dir: the run directory.
-        resume: continue from RUN/checkpoints/latest (model, optimizer, scaler, RNG and data position).
+        resume: continue the run in ``run_dir`` (which must exist) from its latest complete checkpoint (model,
+            optimizer, scaler, every process's RNG and the data position).
         progress: show a tqdm bar.
     """
 
@@ -84,40 +140,48 @@ class Trainer:
 
     def __init__(self, experiment: ExperimentConfig, train: TrainConfig, run_dir: str | Path,
                  resume: bool = False, progress: bool = True):
-        if train.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                             f"got '{train.mixed_precision}'")
+        section = "tokenizer.train" if train is experiment.tokenizer.train else "var.train"
+        check_train_config(train, section)
+        self.section = section
         self.experiment = experiment
         self.config = train
         self.run = RunDirectory(run_dir)
         self.progress = progress
-        log_with = None
-        if is_tensorboard_available():
-            log_with = "tensorboard"
-        else:
-            warnings.warn("tensorboard is not installed; training continues without logs (pip install tensorboard)",
-                          stacklevel=2)
+        if resume and not self.run.exists():
+            raise FileNotFoundError(f"--resume: {self.run.root} is not a training run (no config.yaml or "
+                                    "checkpoints there); check the path, or drop --resume to start a new run")
+        self.precision, precision_origin = resolve_precision(train.mixed_precision, section)
         # accelerate keeps its settings in a process-wide singleton; a later stage in the same process (var demo,
         # notebooks, tests) may use another precision, so each trainer starts from fresh settings (the
         # distributed set-up, PartialState, is kept)
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
-            mixed_precision=train.mixed_precision,
+            mixed_precision=self.precision,
             gradient_accumulation_steps=train.grad_accum,
-            log_with=log_with,
+            log_with="tensorboard" if is_tensorboard_available() else None,
             project_config=ProjectConfiguration(project_dir=str(self.run.root), logging_dir=str(self.run.logs)),
             dynamo_backend="inductor" if train.compile else "no",
             kwargs_handlers=[GradScalerKwargs(init_scale=FP16_INIT_SCALE, growth_interval=FP16_GROWTH_INTERVAL)],
         )
+        check_launch(self.accelerator.num_processes)  # a mis-launched run stops here, before writing anything
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        self.resume_from = self._checkpoint_to_resume(resume)
+        quiet_other_processes(self.is_main)
+        if not is_tensorboard_available():
+            warnings.warn("tensorboard is not installed; training continues without logs (pip install tensorboard)",
+                          stacklevel=2)
+        # model weights are in the bundle (unwrapped): accelerate saves and loads everything else
+        self.accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        self.accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+        self.say(f"{self.accelerator.num_processes} process(es) on {self.device}, mixed precision "
+                 f"{self.precision} ({precision_origin})")
+        self.resume_from, self.resume_state = self._checkpoint_to_resume(resume)
         seed_everything(train.seed)  # same initial weights on every process
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.peak_lrs: dict[str, float] = {}
-        self.ema: nn.Module | None = None
+        self.ema: ModelEmaV3 | None = None
         self.dataset: Dataset | None = None
         self.model: nn.Module | None = None  # the main trained model (prepared)
         self.prepared: tuple[nn.Module, ...] = ()
@@ -141,7 +205,10 @@ class Trainer:
         raise NotImplementedError
 
     def extra_state(self) -> dict:
-        """Anything else a resumed run needs (e.g. raw weights when the bundle holds EMA weights)."""
+        """Anything else a resumed run needs (e.g. raw weights when the bundle holds EMA weights).
+
+        Called on every process (it may use collectives); the main process's result is saved.
+        """
         return {}
 
     def write_samples(self) -> None:
@@ -153,14 +220,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     # set-up
-    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
-        latest = self.run.latest() if self.run.checkpoints.is_dir() else None
-        if latest is not None and not resume:
-            raise ValueError(f"{self.run.root} already holds checkpoints (latest {latest.name}); pass --resume "
-                             "to continue that run or choose another --out")
-        if resume and latest is None:
-            self.say(f"no checkpoint in {self.run.root} yet: starting a new run")
-        return latest
+    def _checkpoint_to_resume(self, resume: bool) -> tuple[Path | None, dict | None]:
+        """(checkpoint directory, its training state) to continue from, or (None, None) for a fresh start."""
+        if not resume:
+            if self.run.has_checkpoints():
+                raise ValueError(f"{self.run.root} already holds checkpoints; pass --resume to continue that run "
+                                 "or choose another --out")
+            return None, None
+        point = self.run.resume_point()
+        if point is None:
+            self.say(f"no checkpoint in {self.run.root} yet: starting the run from step 0")
+            return None, None
+        if point.skipped:
+            self.say(f"{'; '.join(point.skipped)}: resuming from {point.directory.name}, the newest complete "
+                     "checkpoint")
+        return point.directory, point.state
 
     @property
     def effective_batch(self) -> int:
@@ -170,8 +244,6 @@ class Trainer:
     def total_steps(self) -> int:
         if self.config.steps > 0:
             return self.config.steps
-        if self.config.epochs <= 0:
-            raise ValueError("set train.steps or train.epochs to a positive number")
         batches = len(self.dataset) // (self.config.batch_size * self.accelerator.num_processes)
         return max(1, math.ceil(self.config.epochs * batches / self.config.grad_accum))
 
@@ -191,13 +263,13 @@ class Trainer:
         self.optimizers = dict(zip(names, prepared[len(models):], strict=True))
         self.model = self.prepared[0]
         if self.config.ema_decay > 0:
-            self.ema = copy.deepcopy(self.unwrap(self.model)).eval().requires_grad_(False)
-        if self.is_main:
+            self.ema = exponential_moving_average(self.unwrap(self.model), self.config.ema_decay)
+        if self.is_main:  # every setting has been checked by now: the config is written only once it is valid
             self.run.create()
-            save_config(self.experiment, self.run.config)
+            self.run.save_config(self.experiment)
         self.accelerator.wait_for_everyone()
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+            self._load_checkpoint(self.resume_from, self.resume_state)
         else:
             seed_everything(self.config.seed + self.accelerator.process_index)  # per-process label dropout
         self.accelerator.init_trackers(self.name, config=_flatten(to_dict(self.experiment)))
@@ -227,21 +299,9 @@ class Trainer:
             cap_loss_scale(self.accelerator.scaler)
         return grad_norm
 
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.config.ema_decay
-        trained = self.unwrap(self.model).state_dict()
-        for key, value in self.ema.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.lerp_(trained[key].to(value.dtype), 1 - decay)
-            else:
-                value.copy_(trained[key])
-
     def inference_model(self) -> nn.Module:
         """The weights to sample with: the EMA copy if kept, else the trained model."""
-        return self.ema if self.ema is not None else self.unwrap(self.model)
+        return self.ema.module if self.ema is not None else self.unwrap(self.model)
 
     def trained_weights_state(self) -> dict:
         """With EMA the bundle holds the EMA weights, so the trained ones go into the training state."""
@@ -252,7 +312,7 @@ class Trainer:
         path = directory / f"{name}.safetensors"
         bundle = load_file(str(path))
         if self.ema is not None:
-            strict_load(self.ema, bundle, str(path))
+            strict_load(self.ema.module, bundle, str(path))
             strict_load(self.unwrap(self.model), state["trained_weights"], f"{directory / TRAINING_STATE}")
         else:
             strict_load(self.unwrap(self.model), bundle, str(path))
@@ -260,61 +320,111 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # checkpoints
     def save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
-        rng_states = gather_object([_portable_rng(capture_rng())])  # one per process
+        """Write the checkpoint of this step: every process adds its RNG state, the main process the rest."""
+        extra = self.extra_state()
+        temporary = self.run.temporary(self.step)
         if self.is_main:
-            temporary = self.run.begin_checkpoint(self.step)
+            self.run.begin_checkpoint(self.step)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary))  # optimizers, fp16 scaler, random_states_<rank>.pkl
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            missing = [rank for rank in range(self.accelerator.num_processes)
+                       if not (temporary / f"{RNG_STATE_NAME}_{rank}.pkl").is_file()]
+            if missing:  # each process wrote its RNG state into its own view of the run directory
+                warnings.warn(f"{temporary.name} lacks the RNG state of process(es) {missing}: put the run directory "
+                              "on a filesystem every process shares, or a resume will not be exact", stacklevel=2)
             self.save_models(temporary)
-            scaler = self.accelerator.scaler
             state = {
                 "step": self.step,
                 "num_processes": self.accelerator.num_processes,
-                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_states,
+                "effective_batch": self.effective_batch,
+                "total_steps": self.total_steps,
+                "peak_lrs": dict(self.peak_lrs),
+                "mixed_precision": self.precision,
                 "metrics": self.last_metrics,
-                **self.extra_state(),
+                **extra,
+                "files": file_sizes(temporary),  # resume checks these: a truncated or lost file is noticed
             }
             torch.save(state, temporary / TRAINING_STATE)
             final = self.run.commit_checkpoint(temporary, self.step, self.config.keep_checkpoints)
             self.say(f"saved checkpoint {final}")
         self.accelerator.wait_for_everyone()
 
-    def _load_checkpoint(self, directory: Path) -> None:
-        state = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
+    def _load_checkpoint(self, directory: Path, state: dict) -> None:
         self.load_models(directory, state)
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        if state.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        scaler = self.accelerator.scaler
+        if state["mixed_precision"] != self.precision:
+            self.say(f"the checkpoint was trained with mixed precision {state['mixed_precision']}, this run uses "
+                     f"{self.precision}")
+        if scaler is not None and not (directory / SCALER_NAME).is_file():
+            self.accelerator.scaler = None  # not trained in fp16 so far: the loss scale starts afresh
+        try:
+            self.accelerator.load_state(str(directory))
+        finally:
+            self.accelerator.scaler = scaler
         self.step = int(state["step"])
         self.last_metrics = dict(state.get("metrics") or {})
-        rng = state["rng"]
-        if len(rng) == self.accelerator.num_processes:
-            restore_rng(_native_rng(rng[self.accelerator.process_index]))
-        else:
-            warnings.warn(f"the checkpoint was written by {len(rng)} processes, this run has "
-                          f"{self.accelerator.num_processes}: random streams and data order differ from the "
-                          "original run", stacklevel=2)
+        if state["num_processes"] != self.accelerator.num_processes:
+            warnings.warn(self._process_change(state), stacklevel=2)
             seed_everything(self.config.seed + self.step + self.accelerator.process_index)
         self.say(f"resumed from {directory} at step {self.step}")
 
+    def _process_change(self, state: dict) -> str:
+        """What resuming a checkpoint of another process count changes, in one sentence."""
+        changes = [f"effective batch {state['effective_batch']} -> {self.effective_batch}"]
+        for name, peak in state["peak_lrs"].items():
+            now = self.peak_lrs.get(name, peak)
+            changes.append(f"peak lr{'' if len(self.peak_lrs) == 1 else f' ({name})'} "
+                           + (f"{peak:.4g} -> {now:.4g} (set {self.section}.optim.lr to keep it)" if now != peak
+                              else f"{now:.4g} unchanged"))
+        if state["total_steps"] != self.total_steps:
+            changes.append(f"total steps {state['total_steps']} -> {self.total_steps} (same number of epochs)")
+        return (f"the checkpoint was written by {state['num_processes']} process(es), this run has "
+                f"{self.accelerator.num_processes}: {', '.join(changes)}; data order and random streams differ "
+                "from the original run")
+
+    def interrupted(self) -> TrainingInterrupted:
+        """The Ctrl-C report: the step reached, the last checkpoint kept and the command that continues."""
+        if not self.is_main:
+            return TrainingInterrupted("")
+        named = self.run.pointer()
+        kept = (f"the last checkpoint is {self.run.checkpoints / named}" if named
+                else "no checkpoint was saved yet")
+        command = f"{RESUME_COMMANDS.get(self.name, 'var train')} --out {self.run.root} --resume"
+        return TrainingInterrupted(f"interrupted at step {self.step} of {self.total_steps}; {kept}; continue "
+                                   f"with: {command}")
+
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        """Train to ``total_steps`` (from wherever a resumed run stopped); returns the last logged metrics."""
+        """Train to ``total_steps`` (from wherever a resumed run stopped); returns the last logged metrics.
+
+        Logged metrics are means over the logging window and over all processes.  Ctrl-C raises
+        :class:`TrainingInterrupted` saying which checkpoint a ``--resume`` continues from.
+        """
         total = self.total_steps
         if self.step >= total:
             self.say(f"{self.run.root}: already trained to step {self.step}")
             self.accelerator.end_training()
             return self.last_metrics
+        bar = tqdm(total=total, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main), mininterval=1.0)
+        try:
+            self._train_to(total, bar)
+        except KeyboardInterrupt:
+            raise self.interrupted() from None
+        finally:
+            bar.close()
+        self.accelerator.end_training()
+        return self.last_metrics
+
+    def _train_to(self, total: int, bar: tqdm) -> None:
         accum = self.config.grad_accum
         loader = iter(resumable_loader(
             self.dataset, self.config.batch_size, self.config.seed, start=self.step * accum,
             rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
             num_workers=self.experiment.data.num_workers,
         ))
-        bar = tqdm(total=total, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main), mininterval=1.0)
         window: dict[str, torch.Tensor | float] = defaultdict(float)
         window_steps, window_start = 0, time.perf_counter()
         while self.step < total:
@@ -328,13 +438,15 @@ class Trainer:
                     metrics = self.train_step(images, labels)
                 for key, value in metrics.items():
                     window[key] = window[key] + value.detach().float() / accum
-            self.update_ema()
+            if self.ema is not None:
+                self.ema.update(self.unwrap(self.model))
             self.step += 1
             window_steps += 1
             bar.update(1)
             if self.step % self.config.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
-                logged = {key: float(value) / window_steps for key, value in window.items()}
+                means = self.accelerator.reduce(torch.stack(list(window.values())), reduction="mean")  # over ranks
+                logged = {key: value / window_steps for key, value in zip(window, means.tolist(), strict=True)}
                 logged["lr"] = next(iter(lrs.values()))
                 logged["images_per_s"] = window_steps * self.effective_batch / max(elapsed, 1e-9)
                 logged.update(self.window_metrics())
@@ -348,8 +460,5 @@ class Trainer:
                 self.write_samples()
             if self.step % self.config.checkpoint_every == 0 or self.step == total:
                 self.save_checkpoint()
-        bar.close()
-        self.accelerator.end_training()
-        return self.last_metrics
 
     postfix_keys = ("loss", "lr", "images_per_s")

@@ -184,14 +184,16 @@ class TokenizerTrainer(Trainer):
         save_model(self.inference_model(), directory, "vqvae")
 
     def extra_state(self) -> dict:
-        state = {"restart_counts": self.restart_counts.cpu(), **self.trained_weights_state()}
+        # each process counts its own batches and a restart looks at their sum: save the sum, resume it on one process
+        counts = reduce(self.restart_counts, reduction="sum").cpu()
+        state = {"restart_counts": counts, **self.trained_weights_state()}
         if self.discriminator is not None:
             state["discriminator"] = self.unwrap(self.discriminator).state_dict()
         return state
 
     def load_models(self, directory: Path, state: dict) -> None:
         self.load_trained(directory, state, "vqvae")
-        self.restart_counts.copy_(state["restart_counts"])
+        self.restart_counts.copy_(state["restart_counts"] if self.is_main else torch.zeros_like(self.restart_counts))
         if self.discriminator is not None:
             self.unwrap(self.discriminator).load_state_dict(state["discriminator"])
 
