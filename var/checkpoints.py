@@ -24,7 +24,7 @@ from torch import nn
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig, block_causal_mask, patch_nums_from_tokens
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
-from var.utils import atomic_write
+from var.utils import atomic_write, atomic_write_text
 
 # Buffers that official checkpoints carry but that this implementation derives instead.
 _OFFICIAL_VAR_BUFFERS = re.compile(r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$")
@@ -324,7 +324,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, name: str | None 
     weights = directory / f"{name}.safetensors"
     atomic_write(weights, lambda tmp: save_file(tensors, tmp))
     meta = json.dumps({"kind": kind, "config": model.config.to_dict()}, indent=2)
-    atomic_write(directory / f"{name}.json", lambda tmp: Path(tmp).write_text(meta))
+    atomic_write_text(directory / f"{name}.json", meta)
     return weights
 
 

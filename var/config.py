@@ -29,6 +29,7 @@ from var.data.registry import DataConfig
 from var.models.var import TransformerConfig
 from var.sample.logits import SamplingSettings
 from var.tokenizers.vqvae import VQVAEConfig
+from var.utils import atomic_write_text
 
 T = TypeVar("T")
 
@@ -153,7 +154,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write a config as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding:
     factor = -(-min_side // images.shape[-1])  # ceil
     if factor > 1:
         images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    save_image(make_grid(images, nrow=nrow, padding=padding, pad_value=1.0), path)
+    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"))  # Ctrl-C never leaves a partial PNG
 
 
 def _umask() -> int:
@@ -89,7 +90,13 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file)."""
+    """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file).
+
+    Every file the toolkit writes goes through here (grids, plots, JSON, YAML, npz, checkpoints): the data
+    is written to a temporary file beside ``path``, flushed to disk and renamed over ``path``, so a kill or
+    Ctrl-C at any moment leaves either the previous file or the new one, and no temporary file.  ``write``
+    gets a name that does not end in the target's suffix: pass the format explicitly (PIL, matplotlib).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -103,6 +110,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``Path.write_text`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_savez(path: str | os.PathLike, **arrays) -> None:

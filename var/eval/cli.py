@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch_fidelity
 
+from var.argtypes import integer
 from var.eval.evaluate import METRICS, Evaluator
 from var.eval.fidelity import INCEPTION
 from var.eval.generate import class_balanced_labels, generate_samples, process_state
@@ -52,12 +53,12 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     add_settings_arguments(parser)
     add_sampler_arguments(parser)
-    parser.add_argument("--per-class", type=int, default=50, help="samples per class when sampling a model")
+    parser.add_argument("--per-class", type=integer(1), default=50, help="samples per class when sampling a model")
     group = parser.add_argument_group("metrics")
     group.add_argument("--ref", help="reference: stats .npz (mu/sigma, OpenAI VIRTUAL_*.npz as is), images .npz, "
                                      "image folder, dataset name (digits, digits-test, shapes) or training config "
                                      "(CONFIG.yaml[:train|:val], its data section)")
-    group.add_argument("--ref-resize", type=int, help="centre-crop and resize a reference folder to this side")
+    group.add_argument("--ref-resize", type=integer(1), help="centre-crop and resize a reference folder to this side")
     group.add_argument("--extractor", default=INCEPTION, help="feature extractor (default %(default)s; "
                                                               "digits-classifier for offline digit metrics)")
     group.add_argument("--inception-weights", "--extractor-weights", dest="extractor_weights",
@@ -67,7 +68,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} "
                                          "(default: all with --ref, else is)")
     group.add_argument("--no-metrics", action="store_true", help="only sample and export")
-    group.add_argument("--eval-batch-size", type=int, default=100, help="feature extraction batch size")
+    group.add_argument("--eval-batch-size", type=integer(1), default=100, help="feature extraction batch size")
     group.add_argument("--no-ref-cache", action="store_true", help="do not read or write cached reference features")
     group.add_argument("--save-stats", action="store_true", help="also write the samples' mu/sigma (OUT/stats.npz)")
     output = parser.add_argument_group("output")

@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from var.argtypes import integer
 from var.loading import load_one, load_pair
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
@@ -17,6 +18,7 @@ from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, opti
 from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
+MAX_SEED = 2**63 - 1
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +35,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampling settings (guidance, filtering), the seed and the batch size."""
     group = parser.add_argument_group("sampling")
     add_option_arguments(group, SETTINGS, defaults=True)
-    group.add_argument("--seed", type=int, default=0, help="batch i is sampled with seed + i")
-    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="batch i is sampled with seed + i")
+    group.add_argument("--batch-size", type=integer(1), default=64)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:

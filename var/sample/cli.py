@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from var.argtypes import integer
 from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
@@ -40,11 +41,11 @@ def add_parser(subparsers) -> None:
     add_settings_arguments(parser)
     add_sampler_arguments(parser)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--labels", type=int, nargs="+", help="class labels (-1 = unconditional)")
-    which.add_argument("--per-class", type=int, help="this many samples of every class, one row per class")
+    which.add_argument("--labels", type=integer(-1), nargs="+", help="class labels (-1 = unconditional)")
+    which.add_argument("--per-class", type=integer(1), help="this many samples of every class, one row per class")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
-    parser.add_argument("--nrow", type=int, help="images per grid row")
+    parser.add_argument("--nrow", type=integer(1), help="images per grid row")
     parser.set_defaults(func=run)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from var.argtypes import integer, number
 from var.loading import load_pair
 from var.sample.arguments import add_model_arguments, add_settings_arguments, settings_from_args
 from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget
@@ -26,14 +27,15 @@ def add_parser(subparsers) -> None:
     add_settings_arguments(parser)
     group = parser.add_argument_group("calibration")
     which = group.add_mutually_exclusive_group()
-    which.add_argument("--labels", type=int, nargs="+", help="calibration class labels")
-    which.add_argument("--num-labels", type=int, default=10, help="this many random classes (default 10)")
-    group.add_argument("--kv-budget", type=float, default=0.1, help="fraction of the cache kept (default 0.1)")
-    group.add_argument("--drafter-fraction", type=float, default=0.1,
+    which.add_argument("--labels", type=integer(-1), nargs="+", help="calibration class labels")
+    which.add_argument("--num-labels", type=integer(1), default=10, help="this many random classes (default 10)")
+    group.add_argument("--kv-budget", type=number(0, 1, exclusive_minimum=True), default=0.1,
+                       help="fraction of the cache kept (default 0.1)")
+    group.add_argument("--drafter-fraction", type=number(0, 1), default=0.1,
                        help="share of the compressed (layer, scale) pairs classified as drafters (default 0.1)")
-    group.add_argument("--kv-window", type=int, default=WINDOW_SIDE,
+    group.add_argument("--kv-window", type=integer(1), default=WINDOW_SIDE,
                        help="observation window grid side (default 4: 16 tokens)")
-    group.add_argument("--history-top-k", type=int,
+    group.add_argument("--history-top-k", type=integer(1),
                        help="K' of the selectivity index (default: the tokens per layer of the budget)")
     group.add_argument("--out", required=True, help="budget JSON to write")
     parser.set_defaults(func=run)
