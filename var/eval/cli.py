@@ -180,6 +180,8 @@ def run(args: argparse.Namespace) -> None:
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and args.samples:
         raise ValueError("--sweep varies sampling settings, so it needs a model (--ckpt), not --samples")
+    if from_model:
+        settings_from_args(args)  # bad sampling settings fail before any weights are read
     state, device = process_state(args.device)
     with state.main_process_first():  # the main process trains/caches shared judges first
         evaluator = build_evaluator(args, device)  # weights and reference checked before any sampling
@@ -194,37 +196,59 @@ def run(args: argparse.Namespace) -> None:
     vqvae, model = load_models(args, device)
     labels = class_balanced_labels(model.num_classes, args.per_class)
     name, values = sweep if sweep else (None, [None])
-    results = []
-    for value in values:
-        run_args = with_setting(args, name, value) if sweep else args
-        settings = settings_from_args(run_args)
-        options = sampler_options_from_args(run_args, device)
-        sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
-        start = time.perf_counter()
-        samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
-                                   state, progress=not args.no_progress)
-        seconds = time.perf_counter() - start
-        if not state.is_main_process:
-            if evaluator is not None:
-                evaluator.evaluate(None)  # extract this process's share of the features
-            continue
-        report = {"sampling": {
-            "model": args.ckpt or {"vae": args.vae, "var": args.var},
-            "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
-            **dataclasses.asdict(settings), "seed": run_args.seed,
-            "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
-            "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
-            "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
-            "sampling_s": round(seconds, 3), "samples_per_s": round(len(labels) / max(seconds, 1e-9), 3),
-        }}
-        if sweep:
-            report["sweep"] = {name: value}
-        target = out / f"{name}_{value}" if sweep else out
-        results.append(export_and_evaluate(samples, evaluator, target, run_args, report))
+    results: list[dict] = []
+    try:
+        for value in values:
+            results.append(evaluate_setting(args, name, value, model, vqvae, labels, evaluator, state, device, out))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(out, name, values, len(results))) from None
+    results = [metrics for metrics in results if metrics is not None]
     if sweep and state.is_main_process:
         write_json(out / "sweep.json", {"setting": name, "values": values, "metrics": results})
         plotted = plot_sweep(out / "sweep.png", name, values, results)
         print(f"wrote {out / 'sweep.json'}" + (f" and {out / 'sweep.png'} ({', '.join(plotted)})" if plotted else ""))
+
+
+def interrupted_note(out: Path, name: str | None, values: list, finished: int) -> str:
+    """What an interrupted ``var eval`` kept (each finished setting's folder is complete) and how to go on."""
+    if name is None:
+        return (f"interrupted before {out / 'report.json'} was written (files already written are complete, never "
+                "partial); run the same command again")
+    done = ", ".join(str(out / f"{name}_{value}") for value in values[:finished]) or "none"
+    left = ",".join(str(value) for value in values[finished:])
+    return (f"interrupted; finished settings (complete reports): {done}; continue with the same command and "
+            f"--sweep {name}={left}")
+
+
+def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, vqvae, labels, evaluator,
+                     state, device: torch.device, out: Path) -> dict | None:
+    """Sample and evaluate one setting of a sweep (or the only one); the metrics on the main process, else None."""
+    sweep = name is not None
+    run_args = with_setting(args, name, value) if sweep else args
+    settings = settings_from_args(run_args)
+    options = sampler_options_from_args(run_args, device, tokenizer=vqvae)
+    sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
+    start = time.perf_counter()
+    samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
+                               state, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    if not state.is_main_process:
+        if evaluator is not None:
+            evaluator.evaluate(None)  # extract this process's share of the features
+        return None
+    report = {"sampling": {
+        "model": args.ckpt or {"vae": args.vae, "var": args.var},
+        "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
+        **dataclasses.asdict(settings), "seed": run_args.seed,
+        "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
+        "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
+        "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
+        "sampling_s": round(seconds, 3), "samples_per_s": round(len(labels) / max(seconds, 1e-9), 3),
+    }}
+    if sweep:
+        report["sweep"] = {name: value}
+    target = out / f"{name}_{value}" if sweep else out
+    return export_and_evaluate(samples, evaluator, target, run_args, report)
 
 
 def run_compare(args: argparse.Namespace) -> None:

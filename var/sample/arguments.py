@@ -11,6 +11,7 @@ import argparse
 import torch
 
 from var.argtypes import integer
+from var.checkpoints import check_pair
 from var.loading import load_one, load_pair
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
@@ -29,6 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     group.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")
+    group.add_argument("--force-tokenizer", action="store_true",
+                       help="use the tokenizer given although the transformer was trained on another one")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +62,10 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
     return SamplingSettings(**values)
 
 
-def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> dict:
-    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device``.
+def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
+                              tokenizer: torch.nn.Module | None = None) -> dict:
+    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device`` (and,
+    given the ``tokenizer`` they will decode with, checked to be trained on it unless --force-tokenizer).
 
     Raises a ValueError naming every flag that the chosen sampler does not take.
     """
@@ -70,13 +75,16 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
     for name, value in given.items():
         if specs[name].model:
             given[name] = load_one(value, specs[name].model, device)
+            if tokenizer is not None:
+                check_pair(tokenizer, given[name], getattr(args, "force_tokenizer", False))
     return given
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple:
     """(tokenizer, transformer) named by the model arguments: the transformer --sampler decodes (VAR, or the
     raster AR for 'ar'/'sjd'), compiled when --compile is given."""
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, var_name=model_name_for(args.sampler))
+    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, var_name=model_name_for(args.sampler),
+                             force_tokenizer=args.force_tokenizer)
     if args.compile:
         compile_for_sampling(model, vqvae, args.compile)
     return vqvae, model

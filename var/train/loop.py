@@ -264,14 +264,15 @@ class Trainer:
         self.model = self.prepared[0]
         if self.config.ema_decay > 0:
             self.ema = exponential_moving_average(self.unwrap(self.model), self.config.ema_decay)
-        if self.is_main:  # every setting has been checked by now: the config is written only once it is valid
+        if self.is_main:
             self.run.create()
-            self.run.save_config(self.experiment)
         self.accelerator.wait_for_everyone()
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from, self.resume_state)
         else:
             seed_everything(self.config.seed + self.accelerator.process_index)  # per-process label dropout
+        if self.is_main:  # every setting has been checked and the checkpoint accepted them: only now is it saved
+            self.run.save_config(self.experiment)
         self.accelerator.init_trackers(self.name, config=_flatten(to_dict(self.experiment)))
 
     def unwrap(self, model: nn.Module) -> nn.Module:

@@ -169,7 +169,7 @@ class TransformerTrainer(Trainer):
 
     def save_models(self, directory: Path) -> None:
         save_model(self.tokenizer, directory, "vqvae")
-        save_model(self.inference_model(), directory, self.kind)
+        save_model(self.inference_model(), directory, self.kind, tokenizer=self.tokenizer)
 
     def extra_state(self) -> dict:
         return self.trained_weights_state()

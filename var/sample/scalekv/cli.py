@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    settings = settings_from_args(args)
+    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, force_tokenizer=args.force_tokenizer)
     cfg = model.config
     if args.labels is not None:
         labels = torch.tensor(args.labels)
@@ -53,11 +54,10 @@ def run(args: argparse.Namespace) -> None:
     per_layer = KVBudget.uniform(cfg, args.kv_budget, args.kv_window).tokens_per_layer
     history_top_k = args.history_top_k or per_layer
     with autocast(device, args.dtype):
-        selectivity = measure_selectivity(model, vqvae, labels, history_top_k, settings_from_args(args),
+        selectivity = measure_selectivity(model, vqvae, labels, history_top_k, settings,
                                           args.batch_size, args.seed)
     budget = KVBudget.from_selectivity(cfg, selectivity, args.kv_budget, args.drafter_fraction, args.kv_window)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     budget.save(out)
     print(f"calibrated on {len(labels)} labels; {per_layer} history tokens per layer on average "
           f"({args.kv_budget:g} of {cfg.seq_len - cfg.tokens_per_scale[-1]})")
