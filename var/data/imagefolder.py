@@ -51,6 +51,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 256, hflip: bool = False,
                  transform=None):
         folder = Path(root) / split
+        self.root = folder
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"{folder} is not a directory; an ImageFolder dataset needs {root}/{split}/<class name>/<images>"
@@ -94,4 +95,5 @@ class ImageFolderDataset(Dataset):
             image = self.load(candidate)
             if image is not None:
                 return self.transform(image), self.samples[candidate][1]
-        raise RuntimeError(f"none of the {len(self.samples)} images of this dataset can be read")
+        raise ValueError(f"none of the {len(self.samples)} image files under {self.root} can be read (all damaged or "
+                         "not images); check the dataset folder")
