@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,6 +126,19 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> None:
             np.savez(handle, **arrays)
 
     atomic_write(path, write)
+
+
+def open_npz(path: str | os.PathLike):
+    """``np.load`` of an ``.npz`` archive, never unpickling (``allow_pickle=False``); a ValueError naming the file
+    when it is not one (damaged, a pickle, a single .npy)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:160]
+        raise ValueError(f"cannot read {path} as an .npz archive ({reason})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive of named arrays")
+    return archive
 
 
 def cache_dir() -> Path:

@@ -180,6 +180,8 @@ def run(args: argparse.Namespace) -> None:
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and args.samples:
         raise ValueError("--sweep varies sampling settings, so it needs a model (--ckpt), not --samples")
+    if args.samples and not Path(args.samples).exists():  # before the extractor and reference are prepared
+        raise FileNotFoundError(f"{args.samples} is neither a samples .npz (arr_0: uint8 NHWC) nor a folder of images")
     if from_model:
         settings_from_args(args)  # bad sampling settings fail before any weights are read
     state, device = process_state(args.device)

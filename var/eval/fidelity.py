@@ -215,8 +215,14 @@ class FeatureExtractor:
         if cuda and self.device.index is not None:
             torch.cuda.set_device(self.device)  # torch-fidelity moves the network with .cuda()
         source = weights_for_fidelity(name, weights.path)
-        self.network = create_feature_extractor(name, self.layers,
-                                                **fidelity_kwargs(cuda, feature_extractor_weights_path=source))
+        try:
+            self.network = create_feature_extractor(name, self.layers,
+                                                    **fidelity_kwargs(cuda, feature_extractor_weights_path=source))
+        except RuntimeError as error:  # load_state_dict: missing / unexpected / misshapen keys
+            if weights.path is None or "state_dict" not in str(error):
+                raise
+            reason = " ".join(str(error).split())[:200]
+            raise ValueError(f"{weights.path} does not hold the weights of extractor '{name}' ({reason})") from None
         self.shares: list[int] = []  # images each process extracted in the last call (see extract)
 
     @property

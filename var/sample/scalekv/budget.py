@@ -209,6 +209,6 @@ class KVBudget:
             raise FileNotFoundError(f"KV budget file {path} not found; write one with 'var calibrate-kv'")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON ({error})") from error
         return cls.from_dict(data, str(path))
