@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -298,3 +299,54 @@ def test_ctrl_c_at_any_moment_of_a_grid_write_leaves_a_whole_grid(tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert interrupted >= 10  # most offsets really landed inside the write
+
+
+WRITES = re.compile(r"\.write_text\(|\.write_bytes\(|savefig\(|save_image\(|torch\.save\(|np\.savez\(|save_file\(|"
+                    r"Image\.\w+\(.*\)\.save\(|picture\.save\(")
+
+
+def test_every_file_is_written_through_the_atomic_helper():
+    """A write call in the package writes a temporary file handed out by ``atomic_write`` (``tmp``), a buffer,
+    or into a checkpoint's temporary directory; nothing writes its final path in place."""
+    package = Path(__file__).resolve().parents[1] / "var"
+    in_place = [f"{path.relative_to(package.parent)}:{number}: {line.strip()}"
+                for path in sorted(package.rglob("*.py"))
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if WRITES.search(line) and not re.search(r"\btmp\b|\bhandle\b|buffer|temporary", line)]
+    assert not in_place, "written in place (use var.utils.atomic_write):\n" + "\n".join(in_place)
+
+
+def test_ctrl_c_while_sampling_says_nothing_was_written(files, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("var.sample.cli.sample_in_batches", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--ckpt", str(files["bundle"]), "--out", str(tmp_path / "grid.png")])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"var sample: interrupted while sampling: nothing was written ({tmp_path / 'grid.png'}" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_in_a_sweep_names_the_finished_settings_and_the_rest(files, tmp_path, monkeypatch, capsys):
+    from var.eval import cli as eval_cli
+
+    evaluate = eval_cli.evaluate_setting
+
+    def second_interrupted(args, name, value, *rest):
+        if value == 2.0:
+            raise KeyboardInterrupt
+        return evaluate(args, name, value, *rest)
+
+    monkeypatch.setattr(eval_cli, "evaluate_setting", second_interrupted)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--ckpt", str(files["bundle"]), "--per-class", "1", "--no-metrics", "--no-progress",
+              "--sweep", "cfg=1,2,3", "--out", str(out)])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert (f"interrupted; finished settings (complete reports): {out / 'cfg_1.0'}; continue with the same command "
+            "and --sweep cfg=2.0,3.0") in err
+    assert (out / "cfg_1.0" / "report.json").is_file() and not (out / "cfg_2.0").exists()

@@ -27,11 +27,13 @@ from var.eval.generate import class_balanced_labels, generate_samples, process_s
 from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
+from var.hub import resolve
 from var.sample.arguments import (
     SETTINGS,
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    apply_release,
     load_models,
     sampler_options_from_args,
     settings_from_args,
@@ -174,15 +176,17 @@ def build_evaluator(args: argparse.Namespace, device: torch.device) -> Evaluator
 
 
 def run(args: argparse.Namespace) -> None:
-    from_model = bool(args.ckpt or args.vae or args.var)
+    from_model = bool(args.model or args.ckpt or args.vae or args.var)
     if bool(args.samples) == from_model:
-        raise ValueError("pass either --samples (an npz or image folder) or a model (--ckpt, or --vae and --var)")
+        raise ValueError("pass either --samples (an npz or image folder) or a model (--model NAME, --ckpt, or --vae "
+                         "and --var)")
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and args.samples:
         raise ValueError("--sweep varies sampling settings, so it needs a model (--ckpt), not --samples")
     if args.samples and not Path(args.samples).exists():  # before the extractor and reference are prepared
         raise FileNotFoundError(f"{args.samples} is neither a samples .npz (arr_0: uint8 NHWC) nor a folder of images")
     if from_model:
+        apply_release(args)  # a released model's files are resolved and checked here
         settings_from_args(args)  # bad sampling settings fail before any weights are read
     state, device = process_state(args.device)
     with state.main_process_first():  # the main process trains/caches shared judges first
@@ -239,7 +243,8 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
             evaluator.evaluate(None)  # extract this process's share of the features
         return None
     report = {"sampling": {
-        "model": args.ckpt or {"vae": args.vae, "var": args.var},
+        "model": ({"release": args.model, "files": {role: str(path) for role, path in resolve(args.model).items()}}
+                  if args.model else args.ckpt or {"vae": args.vae, "var": args.var}),
         "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
         **dataclasses.asdict(settings), "seed": run_args.seed,
         "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",

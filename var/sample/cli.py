@@ -17,6 +17,7 @@ from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    apply_release,
     load_models,
     sampler_options_from_args,
     settings_from_args,
@@ -50,6 +51,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_release(args)
     settings = settings_from_args(args)  # checked before any model is loaded
     device = resolve_device(args.device)
     vqvae, model = load_models(args, device)

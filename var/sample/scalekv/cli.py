@@ -12,8 +12,13 @@ from pathlib import Path
 import torch
 
 from var.argtypes import integer, number
-from var.loading import load_pair
-from var.sample.arguments import add_model_arguments, add_settings_arguments, settings_from_args
+from var.sample.arguments import (
+    add_model_arguments,
+    add_settings_arguments,
+    apply_release,
+    load_models,
+    settings_from_args,
+)
 from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget
 from var.sample.scalekv.calibrate import measure_selectivity
 from var.utils import autocast, resolve_device
@@ -43,8 +48,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
+    apply_release(args)
     settings = settings_from_args(args)
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, force_tokenizer=args.force_tokenizer)
+    vqvae, model = load_models(args, device)
     cfg = model.config
     if args.labels is not None:
         labels = torch.tensor(args.labels)
