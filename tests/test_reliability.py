@@ -29,6 +29,7 @@ from var.checkpoints import save_model
 from var.cli import main
 from var.eval.fidelity import write_random_inception_weights
 from var.tokenizers.vqvae import VQVAE
+from var.train.tokenizer import PREVIEW_IMAGES
 from var.utils import save_grid
 
 
@@ -350,3 +351,24 @@ def test_ctrl_c_in_a_sweep_names_the_finished_settings_and_the_rest(files, tmp_p
     assert (f"interrupted; finished settings (complete reports): {out / 'cfg_1.0'}; continue with the same command "
             "and --sweep cfg=2.0,3.0") in err
     assert (out / "cfg_1.0" / "report.json").is_file() and not (out / "cfg_2.0").exists()
+
+
+def test_sample_grids_are_labelled_and_go_to_tensorboard(files, tmp_path):
+    """Every ``sample_every``: a PNG whose rows say what they are, and the same grid as a TensorBoard image."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    main(["train-tokenizer", "--config", str(files["config"]), "--out", str(run), "--no-progress",
+          "train.steps=2", "train.sample_every=1", "train.checkpoint_every=2"])
+    grids = sorted((run / "samples").glob("*.png"))
+    assert [grid.name for grid in grids] == ["step_0000001.png", "step_0000002.png"]
+    with Image.open(grids[-1]) as image:
+        pixels = np.asarray(image.convert("L"))
+    strip = pixels.shape[1] - (PREVIEW_IMAGES * (64 + 2) + 2)  # beyond a bare row of 64 px tiles, 2 px apart
+    assert strip > 40 and (pixels[:, :strip] < 128).any()  # a label strip with text in it
+    events = next((run / "logs").rglob("events.out.tfevents.*")).parent
+    accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+    accumulator.Reload()
+    logged = accumulator.Images("samples")
+    assert [event.step for event in logged] == [1, 2]
+    assert (logged[-1].width, logged[-1].height) == (pixels.shape[1], pixels.shape[0])

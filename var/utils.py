@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +67,13 @@ def compile_for_sampling(model: torch.nn.Module, vqvae: torch.nn.Module | None =
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding: int = 2,
-              min_side: int = 64) -> None:
-    """Write images (N, 3, H, W; float in [0, 1] or uint8) as one PNG grid, ``nrow`` per row.
+              min_side: int = 64, row_labels: Sequence[str] | None = None) -> torch.Tensor:
+    """Write images (N, 3, H, W; float in [0, 1] or uint8) as one PNG grid, ``nrow`` per row; returns the grid
+    (3, H', W') in [0, 1].
 
     Images smaller than ``min_side`` (16 px digits) are enlarged by an integer nearest-neighbour factor so
     the grid can be looked at; the pixels themselves are unchanged (sample ``.npz`` files keep the true size).
+    ``row_labels`` (one per row) are written in a white strip left of the rows ("original", "class 3", ...).
     """
     from torchvision.utils import make_grid, save_image
 
@@ -81,8 +83,28 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding:
     if factor > 1:
         images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     grid = make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)
+    if row_labels is not None:
+        grid = label_rows(grid, row_labels, images.shape[-2], padding)
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"))  # Ctrl-C never leaves a partial PNG
+    return grid
 
+
+def label_rows(grid: torch.Tensor, labels: Sequence[str], row_height: int, padding: int) -> torch.Tensor:
+    """A grid (3, H, W) in [0, 1] with a white strip on its left naming each row (rows of ``row_height`` pixels
+    between ``padding``-pixel gaps, as torchvision's make_grid lays them out)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    strip = 8 + max(int(measure.textlength(label, font=font)) for label in labels)
+    picture = Image.new("RGB", (strip + grid.shape[-1], grid.shape[-2]), "white")
+    picture.paste(to_pil_image(grid), (strip, 0))
+    draw = ImageDraw.Draw(picture)
+    for row, label in enumerate(labels):
+        middle = padding + row * (row_height + padding) + row_height // 2
+        draw.text((4, middle), label, fill="black", font=font, anchor="lm")
+    return pil_to_tensor(picture).float() / 255
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -41,7 +41,7 @@ from var.distributed import check_launch, quiet_other_processes
 from var.train.data import resumable_loader
 from var.train.optim import apply_schedules, peak_learning_rate
 from var.train.runs import TRAINING_STATE, RunDirectory, file_sizes
-from var.utils import seed_everything
+from var.utils import save_grid, seed_everything
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # the official fp16 loss scaling (spec_var 4): start at 2^11, grow every 1000 clean steps, never above 2^15
@@ -213,6 +213,13 @@ class Trainer:
 
     def write_samples(self) -> None:
         """Write a sample grid PNG into RUN/samples (optional)."""
+
+    def save_sample_grid(self, images: torch.Tensor, nrow: int, row_labels: list[str]) -> None:
+        """Write RUN/samples/step_<step>.png (rows labelled) and log the same grid to TensorBoard as ``samples``."""
+        grid = save_grid(images, self.run.samples / f"step_{self.step:07d}.png", nrow=nrow, row_labels=row_labels)
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": grid.unsqueeze(0)}, step=self.step)
 
     def window_metrics(self) -> dict[str, float]:
         """Metrics gathered over a logging window besides the per-step averages (optional)."""
