@@ -23,7 +23,7 @@ import torch
 import yaml
 from conftest import make_tiny_pair
 from PIL import Image
-from test_train import TINY
+from test_train import TINY, one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
 from var.checkpoints import save_model
 from var.cli import main
@@ -31,14 +31,6 @@ from var.eval.fidelity import write_random_inception_weights
 from var.tokenizers.vqvae import VQVAE
 from var.train.tokenizer import PREVIEW_IMAGES
 from var.utils import save_grid
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PlantedCode:
@@ -185,6 +177,8 @@ BAD_INPUT = {
                           "data.root={broken_images}", "none of the 3 image files"),
     "latest names a missing dir": ("sample --ckpt {stale_run}", "names step_0000009, which does not exist"),
     "missing checkpoint": ("sample --ckpt {root}/nope", "does not exist"),
+    "unknown released model": ("sample --model var-d17", "unknown released model 'var-d17': did you mean"),
+    "release and checkpoint": ("eval --model var-d16 --ckpt {bundle}", "is a whole released model"),
     "tokenizer run as a model": ("sample --ckpt {run}", "holds no 'var' checkpoint"),
     "one official file": ("sample --vae {evil_pth}", "pass a checkpoint directory (--ckpt) or both"),
     "another tokenizer": ("sample --ckpt {other_tokenizer}", "trained on another tokenizer"),
