@@ -252,6 +252,13 @@ PLANTED = {
     "train --tokenizer": "train --config {config} --tokenizer {evil_bundle} --out {root}/new",
     "train --base": "train --config {config} --tokenizer {bundle} --base {evil_pth} --out {root}/new",
     "demo --config": "demo --config {evil_yaml} --out {root}/new",
+    "train --config": "train --config {evil_yaml} --tokenizer {bundle} --out {root}/new",
+    "train --teacher": "train --config {config} --tokenizer {bundle} --recipe code-refiner --teacher {evil_pth} "
+                       "--draft-steps 2 --out {root}/new",
+    "eval --refiner": "eval --ckpt {bundle} --sampler code --refiner {evil_pth} --no-metrics",
+    "eval --kv-budget": "eval --ckpt {bundle} --sampler scalekv --kv-budget {evil_json} --no-metrics",
+    "eval --ref config": "eval --samples {samples} --ref {evil_yaml} --metrics fid --inception-weights {inception} "
+                         "--allow-weights-mismatch --no-ref-cache",
 }
 
 
