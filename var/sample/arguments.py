@@ -62,8 +62,8 @@ def apply_release(args: argparse.Namespace) -> None:
     """Fill what the command line left out: with ``--model NAME``, the release's sampler, sampler options (the
     CoDe refiner's file included) and sampling settings; else the ``var`` sampler.
 
-    Raises a ValueError for an unknown name or a model given twice; the files are resolved (and checked) here,
-    before any model is built.
+    Raises a ValueError for an unknown name or a model given twice, and stops here when a file is missing or is
+    not the released one (see :func:`var.hub.resolve`).
     """
     name = getattr(args, "model", None)
     if name is None:
@@ -73,13 +73,14 @@ def apply_release(args: argparse.Namespace) -> None:
     if args.ckpt or args.vae or args.var:
         raise ValueError(f"--model {name} is a whole released model: pass it instead of --ckpt/--vae/--var")
     entry = release(name)
+    paths = resolve(name)  # every file found (or downloaded) and checked before any model is built
     if hasattr(args, "sampler"):
         args.sampler = args.sampler or entry.sampler or "var"
         for option, value in entry.sampler_options.items():
             if option in sampler_options(args.sampler) and getattr(args, option, None) is None:
                 setattr(args, option, value)
         if "refiner" in sampler_options(args.sampler) and args.refiner is None and "refiner" in entry.components:
-            args.refiner = str(resolve(name, roles=["refiner"])["refiner"])
+            args.refiner = str(paths["refiner"])
     for setting, value in entry.sampling.items():
         if setting in SETTINGS and getattr(args, setting, None) is None:
             setattr(args, setting, [value] if SETTINGS[setting].per_scale else value)
