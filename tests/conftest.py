@@ -14,6 +14,43 @@ from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # ../shared beside the checkout
+_missing_shared: dict[str, int] = {}  # skip reason -> tests skipped for it
+
+
+def needs_shared(path: Path, variable: str | None = None) -> pytest.MarkDecorator:
+    """Mark tests that read ``path`` from the shared reference material (fixtures, key lists).
+
+    Where it is missing they fail when the environment variable ``CI`` is set (CI has the files, so a missing
+    one is a broken set-up) and elsewhere skip, counted in one summary line that says why.
+    """
+    return pytest.mark.needs_shared(path=Path(path), variable=variable)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "needs_shared(path, variable): reads ../shared reference files")
+
+
+def require_shared(path: Path, variable: str | None = None) -> None:
+    """Inside a test: fail (with CI set) or skip (elsewhere) when shared file ``path`` is missing."""
+    if Path(path).exists():
+        return
+    reason = f"{path} not found" + (f" (set {variable} to a fixture set)" if variable else "")
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must provide the shared reference files", pytrace=False)
+    _missing_shared[reason] = _missing_shared.get(reason, 0) + 1
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers("needs_shared"):
+        require_shared(mark.kwargs["path"], mark.kwargs.get("variable"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for reason, count in _missing_shared.items():
+        terminalreporter.write_line(f"skipped {count} test(s) needing shared files: {reason}; with CI set they fail")
+
 
 def tiny_vqvae_config(**overrides) -> VQVAEConfig:
     base = dict(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,

@@ -3,8 +3,10 @@
 import dataclasses
 import hashlib
 import io
+import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pair, put_in_fake_hub, tiny_vqvae_config
@@ -14,6 +16,7 @@ from var import hub, utils
 from var.checkpoints import var_to_official, vqvae_to_official
 from var.sample.scale import VARSampler
 from var.tokenizers.vqvae import VQVAE
+from var.utils import to_uint8
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +175,53 @@ def test_sharded_role_resolves_to_its_folder(tmp_path, monkeypatch):
     assert (folder / "config.json").read_bytes() == b"config.json" and (folder / "spiece.model").exists()
     with pytest.raises(ValueError, match="no llamagen-c2i loader"):
         hub.load_pair("llamagen-c2i-b-256")
+
+
+def _fake_release(tmp_path, monkeypatch, official_files, name: str = "var-d16", **changes) -> None:
+    """``name`` in an offline fake Hugging Face cache, published as the tiny official-format files."""
+    _, _, vae_bytes, var_bytes = official_files
+    cache = tmp_path / "hf"
+    transformer = hub.RELEASES[name].components["transformer"][0].filename
+    put_in_fake_hub(cache, hub.VAR_REPO, "vae_ch160v4096z32.pth", vae_bytes)
+    put_in_fake_hub(cache, hub.VAR_REPO, transformer, var_bytes)
+    _as_published(monkeypatch, name, {"vae_ch160v4096z32.pth": vae_bytes, transformer: var_bytes}, **changes)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_sample_and_eval_take_a_released_model_by_name(tmp_path, monkeypatch, official_files, capsys):
+    from var.cli import main
+
+    vqvae, model, _, _ = official_files
+    _fake_release(tmp_path, monkeypatch, official_files, sampling={"cfg": 2.0, "top_k": 5, "top_p": 0.9})
+    main(["sample", "--model", "var-d16", "--labels", "0", "2", "--seed", "3", "--out", str(tmp_path / "grid.png"),
+          "--npz", str(tmp_path / "samples.npz")])
+    # the release's sampling settings fill what the command line left out
+    from var.sample.logits import SamplingSettings
+
+    expected = VARSampler(model, vqvae, SamplingSettings(cfg=2.0, top_k=5, top_p=0.9)).sample([0, 2], seed=3)
+    with np.load(tmp_path / "samples.npz") as data:
+        assert np.array_equal(data["arr_0"], to_uint8(expected.images).permute(0, 2, 3, 1).numpy())
+    main(["eval", "--model", "var-d16", "--per-class", "1", "--no-metrics", "--no-progress", "--cfg", "1.0",
+          "--out", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())["sampling"]
+    assert report["model"]["release"] == "var-d16" and report["model"]["files"]["transformer"].endswith("var_d16.pth")
+    assert (report["cfg"], report["top_k"], report["top_p"]) == (1.0, 5, 0.9)  # given on the command line: kept
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model", "var-d17"], "unknown released model 'var-d17': did you mean var-d16"),
+    (["--model", "var-d16", "--ckpt", "run"], "--model var-d16 is a whole released model"),
+    (["--model", "var-d20"], "var-d20: 1 file(s) not in the Hugging Face cache"),
+])
+def test_a_released_model_problem_stops_before_any_model_work(argv, fragment, tmp_path, monkeypatch,
+                                                              official_files, capsys):
+    from var.cli import main
+
+    _fake_release(tmp_path, monkeypatch, official_files)
+    monkeypatch.setattr("var.loading.load_pair", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", *argv, "--out", str(tmp_path / "grid.png")])
+    assert fragment in str(stop.value.code) and "\n" not in str(stop.value.code)
+    assert not (tmp_path / "grid.png").exists()

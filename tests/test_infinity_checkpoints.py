@@ -3,10 +3,10 @@ wrong files named key by key."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, require_shared
 from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
 from safetensors.torch import save_file
 
@@ -24,14 +24,13 @@ from var.infinity_checkpoints import (
 from var.models.infinity import INFINITY_SIZES, Infinity, InfinityConfig
 from var.tokenizers.bsq import BSQTokenizer
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = SHARED / "reference"
 
 
 def _meta_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The official key/shape list as meta tensors (what the released file holds, without the bytes)."""
     path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"reference key list {path} not found")
+    require_shared(path)
     state = {}
     for line in path.read_text().splitlines():
         if line.startswith("#"):

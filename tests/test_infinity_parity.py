@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, needs_shared
 
 from var.infinity_checkpoints import (
     bsq_config_from_official,
@@ -27,13 +28,10 @@ from var.models.infinity import PackedText, bit_logits
 from var.models.infinity_schedules import resolve_schedule
 from var.models.kv_cache import KVCache
 
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_infinity_small"
+DEFAULT_FIXTURES = SHARED / "fixtures" / "official_infinity_small"
 FIXTURES = Path(os.environ.get("INFINITY_PARITY_FIXTURES", DEFAULT_FIXTURES))
 
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "cases.pth").is_file(),
-    reason=f"Infinity parity fixtures not found at {FIXTURES} (set INFINITY_PARITY_FIXTURES)",
-)
+pytestmark = needs_shared(FIXTURES / "cases.pth", "INFINITY_PARITY_FIXTURES")
 
 # Max-abs tolerances from the fixture README ("suggested checks"); bits are compared exactly.
 TOLERANCE = {

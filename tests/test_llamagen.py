@@ -4,11 +4,11 @@ at real size, the cached forward the samplers use, conditions, RoPE, grouped-que
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED, needs_shared
 
 from var.models.kv_cache import KVCache
 from var.models.llamagen import (
@@ -22,7 +22,7 @@ from var.models.llamagen import (
 from var.sample.speculative.ragged_cache import RaggedKVCache
 from var.tokenizers.llamagen_vq import LLAMAGEN_VQ_SIZES, LlamaGenVQ, LlamaGenVQConfig
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = SHARED / "reference"
 
 
 def tiny_llamagen(model_type: str = "c2i", seed: int = 0, **overrides) -> LlamaGen:
@@ -79,7 +79,7 @@ def test_named_sizes_match_the_released_parameter_counts():
         assert abs(model.num_params() / params - 1) < 0.03, name
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference key lists not found at {REFERENCE}")
+@needs_shared(REFERENCE)
 @pytest.mark.parametrize("key_file, build", [
     ("llamagen_gpt_b_c2i_keys.txt", lambda: LlamaGen(llamagen_config("GPT-B", num_classes=1000))),
     ("llamagen_gpt_xl_t2i_keys.txt",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, needs_shared
 
 from var.checkpoints_llamagen import (
     llamagen_config_from_state_dict,
@@ -29,13 +30,10 @@ from var.checkpoints_llamagen import (
 from var.models.kv_cache import KVCache
 from var.models.llamagen import LlamaGen, attention_mask
 
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_llamagen_small"
+DEFAULT_FIXTURES = SHARED / "fixtures" / "official_llamagen_small"
 FIXTURES = Path(os.environ.get("LLAMAGEN_PARITY_FIXTURES", DEFAULT_FIXTURES))
 
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "cases.pth").is_file(),
-    reason=f"LlamaGen parity fixtures not found at {FIXTURES} (set LLAMAGEN_PARITY_FIXTURES)",
-)
+pytestmark = needs_shared(FIXTURES / "cases.pth", "LLAMAGEN_PARITY_FIXTURES")
 
 # Max-abs tolerances from the fixture README (fp32; a correct re-implementation differs by ~1e-5).
 LOGITS_ATOL = 1e-4

@@ -15,19 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, needs_shared
 
 from var.checkpoints import load_official_var, load_official_vqvae, var_config_from_official, vqvae_config_from_official
 from var.sample.logits import SamplingSettings
 from var.sample.scale import VARSampler
 from var.tokenizers.quantizer import phi_index_per_scale
 
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_var_small"
+DEFAULT_FIXTURES = SHARED / "fixtures" / "official_var_small"
 FIXTURES = Path(os.environ.get("VAR_PARITY_FIXTURES", DEFAULT_FIXTURES))
 
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "cases.pth").is_file(),
-    reason=f"parity fixtures not found at {FIXTURES} (set VAR_PARITY_FIXTURES)",
-)
+pytestmark = needs_shared(FIXTURES / "cases.pth", "VAR_PARITY_FIXTURES")
 
 # Max-abs tolerances from the fixture README.
 TOLERANCE = {

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from var.argtypes import integer
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VARConfig, build_var
 from var.sample.arguments import SETTINGS, settings_from_args
@@ -38,7 +39,7 @@ from var.sample.registry import (
     sampler_options,
 )
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
-from var.utils import autocast, compile_for_sampling, resolve_device
+from var.utils import atomic_write_text, autocast, compile_for_sampling, resolve_device
 
 ANCHORS = Path(__file__).resolve().parents[1] / "benchmarks" / "official_h100.json"
 TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4))
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
         report["vs_official_h100"] = anchor_ratios(rows, json.loads(ANCHORS.read_text()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=1))
     plot(rows, out / "bench.png")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return report
@@ -353,21 +354,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run)")
-    parser.add_argument("--depths", type=int, nargs="+", help="default: 16 20 24 30 (tiny: 2)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 16 64 256 (tiny: 1 4)")
+    parser.add_argument("--depths", type=integer(1), nargs="+", help="default: 16 20 24 30 (tiny: 2)")
+    parser.add_argument("--batch-sizes", type=integer(1), nargs="+", help="default: 1 16 64 256 (tiny: 1 4)")
     parser.add_argument("--samplers", nargs="+", default=["var"], metavar="NAME[:OPTION=VALUE,...]",
                         help=f"samplers ({', '.join(SAMPLER_NAMES)}), each optionally with its own options, e.g. "
                         "scalekv:kv_budget=0.2; 'code' gets a random refiner of --refiner-depth; 'ar'/'sjd' run a "
                         "raster AR baseline of the same depth (d16: ~300M parameters)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=integer(0), default=1)
+    parser.add_argument("--runs", type=integer(1), default=3)
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the timing")
     parser.add_argument("--compile", nargs="?", const="default", help="torch.compile mode (e.g. reduce-overhead)")
     add_option_arguments(parser.add_argument_group("sampling settings"), SETTINGS, defaults=True)
     group = parser.add_argument_group("sampler options (each applies to every listed sampler that takes it)")
     add_option_arguments(group, VALUE_OPTIONS, option_users())
     for name in MODEL_OPTIONS:
-        group.add_argument(f"--{name.replace('_', '-')}-depth", type=int, default=DEFAULT_MODEL_DEPTH,
+        group.add_argument(f"--{name.replace('_', '-')}-depth", type=integer(1), default=DEFAULT_MODEL_DEPTH,
                            help=f"depth of the random-weight {name} for {', '.join(option_users()[name])} "
                                 f"(default {DEFAULT_MODEL_DEPTH}; --tiny: 1)")
     parser.add_argument("--out", default="out/bench")

@@ -11,6 +11,7 @@ atomically (temporary file + rename) so an interrupted save never leaves a corru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from torch import nn
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VAR, VARConfig, block_causal_mask, patch_nums_from_tokens
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
-from var.utils import atomic_write
+from var.utils import atomic_write, atomic_write_text
 
 # Buffers that official checkpoints carry but that this implementation derives instead.
 _OFFICIAL_VAR_BUFFERS = re.compile(r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$")
@@ -294,9 +295,33 @@ def load_official_vqvae(source: str | os.PathLike | Mapping[str, torch.Tensor], 
     return model.eval()
 
 
-def check_pair(vqvae: VQVAE, var: VAR | RasterAR) -> None:
-    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster AR baseline) cannot work together."""
+def tokenizer_fingerprint(tokenizer: nn.Module) -> str:
+    """sha256 of a tokenizer's weights (names, dtypes, shapes and values).
+
+    A transformer bundle records the fingerprint of the tokenizer it was trained on: two tokenizers of the same
+    shapes but different weights give its tokens different meanings, which no shape check can see.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_pair(vqvae: VQVAE, var: VAR | RasterAR, force_tokenizer: bool = False) -> None:
+    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster AR baseline) cannot work together:
+    shapes that do not fit, or (unless ``force_tokenizer``) a tokenizer other than the one it was trained on."""
     var.check_tokenizer(vqvae)
+    recorded = getattr(var, "tokenizer_fingerprint", None)
+    if recorded and not force_tokenizer:
+        actual = tokenizer_fingerprint(vqvae)
+        if actual != recorded:
+            raise ValueError(
+                f"the transformer was trained on another tokenizer (fingerprint {recorded[:12]}, this one is "
+                f"{actual[:12]}): same shapes, different codes, so its images would be wrong; use the tokenizer "
+                "saved beside it, or pass --force-tokenizer if the two are known to be equivalent"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,16 +340,26 @@ def _kind_of(model: nn.Module) -> str:
     raise ValueError(f"no registered checkpoint kind for {type(model).__name__}")
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
-    """Save ``model`` as ``directory/NAME.safetensors`` + ``directory/NAME.json``; returns the weights path."""
+def save_model(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
+               tokenizer: nn.Module | None = None) -> Path:
+    """Save ``model`` as ``directory/NAME.safetensors`` + ``directory/NAME.json``; returns the weights path.
+
+    A transformer saved with the ``tokenizer`` it was trained on records that tokenizer's fingerprint (one
+    loaded with a fingerprint keeps it), which :func:`check_pair` compares when the two are paired again.
+    """
     kind = _kind_of(model)
     name = name or kind
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / f"{name}.safetensors"
     atomic_write(weights, lambda tmp: save_file(tensors, tmp))
-    meta = json.dumps({"kind": kind, "config": model.config.to_dict()}, indent=2)
-    atomic_write(directory / f"{name}.json", lambda tmp: Path(tmp).write_text(meta))
+    meta = {"kind": kind, "config": model.config.to_dict()}
+    fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else getattr(
+        model, "tokenizer_fingerprint", None)
+    if fingerprint:
+        meta["tokenizer_fingerprint"] = fingerprint
+    meta = json.dumps(meta, indent=2)
+    atomic_write_text(directory / f"{name}.json", meta)
     return weights
 
 
@@ -349,4 +384,5 @@ def load_model(directory: str | os.PathLike, name: str, map_location: str | torc
     model = model_cls(config)
     state, source = _read_state_dict(weights)
     strict_load(model, state, source)
+    model.tokenizer_fingerprint = meta.get("tokenizer_fingerprint")  # of the tokenizer it was trained on, if known
     return model.to(map_location).eval()

@@ -14,6 +14,7 @@ training, because evaluation reads it too (``var eval --ref CONFIG.yaml``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -29,6 +30,7 @@ from var.data.registry import DataConfig
 from var.models.var import TransformerConfig
 from var.sample.logits import SamplingSettings
 from var.tokenizers.vqvae import VQVAEConfig
+from var.utils import atomic_write_text
 
 T = TypeVar("T")
 
@@ -60,21 +62,82 @@ def _nested_dataclass(annotation: Any) -> type | None:
     return None
 
 
-def _coerce_number(value: Any, annotation: Any, key: str) -> Any:
-    """Make numeric fields numeric: YAML reads ``1e-4`` (no dot) as a string and ``3`` as an int."""
-    allowed = set(typing.get_args(annotation)) if typing.get_args(annotation) else {annotation}
-    if value is None or isinstance(value, bool) or not allowed & {int, float}:
+def _describe(annotation: Any) -> str:
+    """What a field annotation accepts, in words: ``int | None`` -> 'an integer or null'."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    if dataclasses.is_dataclass(annotation):
+        return f"a section ({annotation.__name__})"
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list, Sequence):
+        items = [arg for arg in typing.get_args(annotation) if arg is not Ellipsis]
+        return f"a list of {_describe(items[0]).removeprefix('an ').removeprefix('a ')}s" if items else "a list"
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _conform(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as field type ``annotation``, or a ConfigError naming ``key``, what it expects and what it got.
+
+    Integers must be integers (``steps: 2.5`` is an error, not an empty run); numbers accept integers and the
+    strings YAML leaves unparsed (``1e-4``); text accepts numbers (``root: 2024``) but not YAML's switches
+    (``yes``/``no``/``on``/``off`` read as true/false: quote them).
+    """
+    def wrong() -> ConfigError:
+        hint = " (YAML reads yes/no/on/off as true/false: quote the text)" if isinstance(value, bool) else ""
+        return ConfigError(f"config key '{key}' expects {_describe(annotation)}, got {value!r}{hint}")
+
+    if annotation is Any:
         return value
-    if float in allowed and isinstance(value, (int, str)):
-        try:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            try:
+                return _conform(value, arg, key)
+            except ConfigError:
+                continue
+        raise wrong()
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise wrong()
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+        raise wrong()
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
-    if int in allowed and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+        raise wrong()
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong()
+    if dataclasses.is_dataclass(annotation):
+        raise wrong()  # a section given as a scalar (dicts are built by from_dict)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (tuple, list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        if origin is tuple and args and Ellipsis not in args:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
+            items = [_conform(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))]
+        else:
+            item_type = args[0] if args else Any
+            items = [_conform(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     return value
 
 
@@ -89,10 +152,8 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
         nested = _nested_dataclass(types_by_name[key])
         if nested is not None and isinstance(value, dict):
             value = from_dict(nested, value, where=f"{where}{key}.")
-        elif isinstance(value, list):
-            value = tuple(value) if "tuple" in str(types_by_name[key]) else value
         else:
-            value = _coerce_number(value, types_by_name[key], f"{where}{key}")
+            value = _conform(value, types_by_name[key], f"{where}{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -118,7 +179,12 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = Non
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())
+            raise ConfigError(f"override {key}={raw}: the value is not valid YAML ({problem}); quote text, write "
+                              "lists as [1, 2]") from None
         parts = key.split(".")
         node, node_cls = data, cls
         for depth, part in enumerate(parts):
@@ -128,6 +194,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = Non
                     prefix = "".join(f"{p}." for p in parts[:depth])
                     raise ConfigError(f"unknown config key '{key}'{_suggest(part, list(valid), prefix)}")
                 next_cls = _nested_dataclass(valid[part])
+                if isinstance(value, bool) and _describe(valid[part]).startswith("text"):
+                    value = raw  # mixed_precision=no means the text 'no', not YAML's false
             else:
                 next_cls = None
             if depth == len(parts) - 1:
@@ -145,7 +213,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())
+            raise ConfigError(f"{path} is not a YAML config ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level of a config must be a mapping")
     apply_overrides(data, overrides, cls)
@@ -153,7 +225,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write a config as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from var.tokenizers.vqvae import OFFICIAL_PATCH_NUMS_256, OFFICIAL_PATCH_NUMS_512
-from var.utils import cache_dir, format_bytes, sha256_of
+from var.utils import atomic_write_text, cache_dir, format_bytes, sha256_of
 
 VAR_REPO = "FoundationVision/var"
 CODE_REPO = "Zigeng/VAR_CoDe"
@@ -279,7 +279,7 @@ def verify(file: HubFile, path: Path) -> None:
     try:
         stamp = _stamp(file)
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(_identity(path)))
+        atomic_write_text(stamp, json.dumps(_identity(path)))
     except OSError:
         pass  # a read-only cache folder only means hashing again next time
 

@@ -36,6 +36,12 @@ def resolve_bundle(path: str | os.PathLike, name: str = "var") -> Path:
     pointer = path / "checkpoints" / LATEST_POINTER
     if pointer.is_file():
         bundle = path / "checkpoints" / pointer.read_text().strip()
+        if not bundle.is_dir():
+            kept = sorted(p for p in bundle.parent.glob("step_*") if (p / f"{name}.json").is_file())
+            instead = (f"pass a checkpoint directory instead, e.g. {kept[-1]}" if kept
+                       else "the run holds no complete checkpoint: continue training it with --resume")
+            raise FileNotFoundError(f"{pointer} names {bundle.name}, which does not exist (moved or deleted?); "
+                                    f"{instead}")
         if (bundle / f"{name}.json").is_file():
             return bundle
         hint = {"ar": "; samplers 'ar' and 'sjd' decode the raster AR baseline: train one with 'var train --model ar'",
@@ -55,16 +61,18 @@ def load_pair(
     var: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     var_name: str = "var",
+    force_tokenizer: bool = False,
 ) -> tuple[VQVAE, VAR | RasterAR]:
     """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` files.
 
     ``var_name`` names the transformer checkpoint in a bundle: ``var``, or ``ar`` for the raster baseline.
+    ``force_tokenizer`` pairs a tokenizer other than the one the transformer recorded (see ``check_pair``).
     """
     if ckpt is not None:
         bundle = resolve_bundle(ckpt, var_name)
         vqvae = load_model(bundle, "vqvae")
         model = load_model(bundle, var_name)
-        check_pair(vqvae, model)
+        check_pair(vqvae, model, force_tokenizer)
     elif vae is not None and var is not None:
         vqvae, model = load_official(vae, var)
     else:

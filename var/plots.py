@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from var.utils import byte_unit
+from var.utils import atomic_write, byte_unit
 
 LOWER, HIGHER = "lower", "higher"
 ARROWS = {LOWER: "\u2193", HIGHER: "\u2191"}
@@ -36,8 +36,8 @@ def byte_scale(values: Iterable[float]) -> tuple[str, int]:
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> None:
-    """Lay out, write (creating the folder) and close ``figure``."""
+    """Lay out, write atomically (creating the folder) and close ``figure``; the format follows the suffix."""
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    file_format = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format=file_format, dpi=dpi, bbox_inches="tight"))
     pyplot().close(figure)

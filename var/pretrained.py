@@ -74,7 +74,7 @@ def save_pipeline(directory: str | os.PathLike, tokenizer, transformer, settings
     mapping of its fields; default settings when None).  The pair is checked to fit together first."""
     from var.checkpoints import check_pair
     from var.sample.logits import SamplingSettings
-    from var.utils import atomic_write
+    from var.utils import atomic_write_text
 
     check_pair(tokenizer, transformer)
     if settings is None:
@@ -86,7 +86,7 @@ def save_pipeline(directory: str | os.PathLike, tokenizer, transformer, settings
     tokenizer.save_pretrained(directory / TOKENIZER_DIR)
     transformer.save_pretrained(directory / TRANSFORMER_DIR)
     text = json.dumps(dataclasses.asdict(settings), indent=2)
-    atomic_write(directory / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write_text(directory / SETTINGS_FILE, text + "\n")
     return directory
 
 

@@ -12,7 +12,8 @@ import hashlib
 import os
 import random
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +67,13 @@ def compile_for_sampling(model: torch.nn.Module, vqvae: torch.nn.Module | None =
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding: int = 2,
-              min_side: int = 64) -> None:
-    """Write images (N, 3, H, W; float in [0, 1] or uint8) as one PNG grid, ``nrow`` per row.
+              min_side: int = 64, row_labels: Sequence[str] | None = None) -> torch.Tensor:
+    """Write images (N, 3, H, W; float in [0, 1] or uint8) as one PNG grid, ``nrow`` per row; returns the grid
+    (3, H', W') in [0, 1].
 
     Images smaller than ``min_side`` (16 px digits) are enlarged by an integer nearest-neighbour factor so
     the grid can be looked at; the pixels themselves are unchanged (sample ``.npz`` files keep the true size).
+    ``row_labels`` (one per row) are written in a white strip left of the rows ("original", "class 3", ...).
     """
     from torchvision.utils import make_grid, save_image
 
@@ -79,8 +82,29 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding:
     factor = -(-min_side // images.shape[-1])  # ceil
     if factor > 1:
         images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    save_image(make_grid(images, nrow=nrow, padding=padding, pad_value=1.0), path)
+    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)
+    if row_labels is not None:
+        grid = label_rows(grid, row_labels, images.shape[-2], padding)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"))  # Ctrl-C never leaves a partial PNG
+    return grid
 
+
+def label_rows(grid: torch.Tensor, labels: Sequence[str], row_height: int, padding: int) -> torch.Tensor:
+    """A grid (3, H, W) in [0, 1] with a white strip on its left naming each row (rows of ``row_height`` pixels
+    between ``padding``-pixel gaps, as torchvision's make_grid lays them out)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    strip = 8 + max(int(measure.textlength(label, font=font)) for label in labels)
+    picture = Image.new("RGB", (strip + grid.shape[-1], grid.shape[-2]), "white")
+    picture.paste(to_pil_image(grid), (strip, 0))
+    draw = ImageDraw.Draw(picture)
+    for row, label in enumerate(labels):
+        middle = padding + row * (row_height + padding) + row_height // 2
+        draw.text((4, middle), label, fill="black", font=font, anchor="lm")
+    return pil_to_tensor(picture).float() / 255
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -89,7 +113,13 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file)."""
+    """Write a file through ``write(tmp_path)`` then rename it into place (never a half-written file).
+
+    Every file the toolkit writes goes through here (grids, plots, JSON, YAML, npz, checkpoints): the data
+    is written to a temporary file beside ``path``, flushed to disk and renamed over ``path``, so a kill or
+    Ctrl-C at any moment leaves either the previous file or the new one, and no temporary file.  ``write``
+    gets a name that does not end in the target's suffix: pass the format explicitly (PIL, matplotlib).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -105,6 +135,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``Path.write_text`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def atomic_savez(path: str | os.PathLike, **arrays) -> None:
     """``np.savez`` through :func:`atomic_write` (a file handle, so numpy adds no '.npz' to the temporary name)."""
 
@@ -113,6 +148,19 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> None:
             np.savez(handle, **arrays)
 
     atomic_write(path, write)
+
+
+def open_npz(path: str | os.PathLike):
+    """``np.load`` of an ``.npz`` archive, never unpickling (``allow_pickle=False``); a ValueError naming the file
+    when it is not one (damaged, a pickle, a single .npy)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:160]
+        raise ValueError(f"cannot read {path} as an .npz archive ({reason})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive of named arrays")
+    return archive
 
 
 def cache_dir() -> Path:

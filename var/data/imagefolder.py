@@ -51,6 +51,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 256, hflip: bool = False,
                  transform=None):
         folder = Path(root) / split
+        self.root = folder
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"{folder} is not a directory; an ImageFolder dataset needs {root}/{split}/<class name>/<images>"
@@ -70,6 +71,15 @@ class ImageFolderDataset(Dataset):
         self.transform = transform or official_transform(image_size, train=split == "train", hflip=hflip)
         self.augmented = transform is not None or split == "train"  # random crops: re-tokenize every time
         self.unreadable: set[int] = set()  # indices found broken by this process
+        self.first_readable()  # a folder of nothing but broken files fails here, before any run is written
+
+    def first_readable(self) -> int:
+        """Index of the first image that can be read (usually 0: one file is opened); a ValueError if none can."""
+        for index in range(len(self.samples)):
+            if index not in self.unreadable and self.load(index) is not None:
+                return index
+        raise ValueError(f"none of the {len(self.samples)} image files under {self.root} can be read (all damaged or "
+                         "not images); check the dataset folder")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -94,4 +104,4 @@ class ImageFolderDataset(Dataset):
             image = self.load(candidate)
             if image is not None:
                 return self.transform(image), self.samples[candidate][1]
-        raise RuntimeError(f"none of the {len(self.samples)} images of this dataset can be read")
+        return self[self.first_readable()]  # raises: every file has turned out unreadable

@@ -102,8 +102,11 @@ def save_digit_classifier(model: DigitClassifier, path: str | os.PathLike) -> No
 
 def load_digit_classifier(path: str | os.PathLike) -> DigitClassifier:
     """Load a classifier written by :func:`save_digit_classifier`, in eval mode."""
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # a damaged file or not safetensors at all (a pickle is never unpickled here)
+        raise ValueError(f"cannot read {path} as a safetensors file ({error})") from None
     if "image_size" not in metadata:
         raise ValueError(f"{path} is not a digit classifier written by save_digit_classifier")
     model = DigitClassifier(int(metadata["num_classes"]), int(metadata["image_size"]))

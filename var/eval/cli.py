@@ -20,17 +20,20 @@ import numpy as np
 import torch
 import torch_fidelity
 
+from var.argtypes import integer
 from var.eval.evaluate import METRICS, Evaluator
 from var.eval.fidelity import INCEPTION
 from var.eval.generate import class_balanced_labels, generate_samples, process_state
 from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
+from var.hub import resolve
 from var.sample.arguments import (
     SETTINGS,
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    apply_release,
     load_models,
     sampler_options_from_args,
     settings_from_args,
@@ -52,12 +55,12 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     add_settings_arguments(parser)
     add_sampler_arguments(parser)
-    parser.add_argument("--per-class", type=int, default=50, help="samples per class when sampling a model")
+    parser.add_argument("--per-class", type=integer(1), default=50, help="samples per class when sampling a model")
     group = parser.add_argument_group("metrics")
     group.add_argument("--ref", help="reference: stats .npz (mu/sigma, OpenAI VIRTUAL_*.npz as is), images .npz, "
                                      "image folder, dataset name (digits, digits-test, shapes) or training config "
                                      "(CONFIG.yaml[:train|:val], its data section)")
-    group.add_argument("--ref-resize", type=int, help="centre-crop and resize a reference folder to this side")
+    group.add_argument("--ref-resize", type=integer(1), help="centre-crop and resize a reference folder to this side")
     group.add_argument("--extractor", default=INCEPTION, help="feature extractor (default %(default)s; "
                                                               "digits-classifier for offline digit metrics)")
     group.add_argument("--inception-weights", "--extractor-weights", dest="extractor_weights",
@@ -67,7 +70,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} "
                                          "(default: all with --ref, else is)")
     group.add_argument("--no-metrics", action="store_true", help="only sample and export")
-    group.add_argument("--eval-batch-size", type=int, default=100, help="feature extraction batch size")
+    group.add_argument("--eval-batch-size", type=integer(1), default=100, help="feature extraction batch size")
     group.add_argument("--no-ref-cache", action="store_true", help="do not read or write cached reference features")
     group.add_argument("--save-stats", action="store_true", help="also write the samples' mu/sigma (OUT/stats.npz)")
     output = parser.add_argument_group("output")
@@ -173,12 +176,18 @@ def build_evaluator(args: argparse.Namespace, device: torch.device) -> Evaluator
 
 
 def run(args: argparse.Namespace) -> None:
-    from_model = bool(args.ckpt or args.vae or args.var)
+    from_model = bool(args.model or args.ckpt or args.vae or args.var)
     if bool(args.samples) == from_model:
-        raise ValueError("pass either --samples (an npz or image folder) or a model (--ckpt, or --vae and --var)")
+        raise ValueError("pass either --samples (an npz or image folder) or a model (--model NAME, --ckpt, or --vae "
+                         "and --var)")
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and args.samples:
         raise ValueError("--sweep varies sampling settings, so it needs a model (--ckpt), not --samples")
+    if args.samples and not Path(args.samples).exists():  # before the extractor and reference are prepared
+        raise FileNotFoundError(f"{args.samples} is neither a samples .npz (arr_0: uint8 NHWC) nor a folder of images")
+    if from_model:
+        apply_release(args)  # a released model's files are resolved and checked here
+        settings_from_args(args)  # bad sampling settings fail before any weights are read
     state, device = process_state(args.device)
     with state.main_process_first():  # the main process trains/caches shared judges first
         evaluator = build_evaluator(args, device)  # weights and reference checked before any sampling
@@ -193,37 +202,60 @@ def run(args: argparse.Namespace) -> None:
     vqvae, model = load_models(args, device)
     labels = class_balanced_labels(model.num_classes, args.per_class)
     name, values = sweep if sweep else (None, [None])
-    results = []
-    for value in values:
-        run_args = with_setting(args, name, value) if sweep else args
-        settings = settings_from_args(run_args)
-        options = sampler_options_from_args(run_args, device)
-        sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
-        start = time.perf_counter()
-        samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
-                                   state, progress=not args.no_progress)
-        seconds = time.perf_counter() - start
-        if not state.is_main_process:
-            if evaluator is not None:
-                evaluator.evaluate(None)  # extract this process's share of the features
-            continue
-        report = {"sampling": {
-            "model": args.ckpt or {"vae": args.vae, "var": args.var},
-            "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
-            **dataclasses.asdict(settings), "seed": run_args.seed,
-            "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
-            "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
-            "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
-            "sampling_s": round(seconds, 3), "samples_per_s": round(len(labels) / max(seconds, 1e-9), 3),
-        }}
-        if sweep:
-            report["sweep"] = {name: value}
-        target = out / f"{name}_{value}" if sweep else out
-        results.append(export_and_evaluate(samples, evaluator, target, run_args, report))
+    results: list[dict] = []
+    try:
+        for value in values:
+            results.append(evaluate_setting(args, name, value, model, vqvae, labels, evaluator, state, device, out))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(out, name, values, len(results))) from None
+    results = [metrics for metrics in results if metrics is not None]
     if sweep and state.is_main_process:
         write_json(out / "sweep.json", {"setting": name, "values": values, "metrics": results})
         plotted = plot_sweep(out / "sweep.png", name, values, results)
         print(f"wrote {out / 'sweep.json'}" + (f" and {out / 'sweep.png'} ({', '.join(plotted)})" if plotted else ""))
+
+
+def interrupted_note(out: Path, name: str | None, values: list, finished: int) -> str:
+    """What an interrupted ``var eval`` kept (each finished setting's folder is complete) and how to go on."""
+    if name is None:
+        return (f"interrupted before {out / 'report.json'} was written (files already written are complete, never "
+                "partial); run the same command again")
+    done = ", ".join(str(out / f"{name}_{value}") for value in values[:finished]) or "none"
+    left = ",".join(str(value) for value in values[finished:])
+    return (f"interrupted; finished settings (complete reports): {done}; continue with the same command and "
+            f"--sweep {name}={left}")
+
+
+def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, vqvae, labels, evaluator,
+                     state, device: torch.device, out: Path) -> dict | None:
+    """Sample and evaluate one setting of a sweep (or the only one); the metrics on the main process, else None."""
+    sweep = name is not None
+    run_args = with_setting(args, name, value) if sweep else args
+    settings = settings_from_args(run_args)
+    options = sampler_options_from_args(run_args, device, tokenizer=vqvae)
+    sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
+    start = time.perf_counter()
+    samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
+                               state, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    if not state.is_main_process:
+        if evaluator is not None:
+            evaluator.evaluate(None)  # extract this process's share of the features
+        return None
+    report = {"sampling": {
+        "model": ({"release": args.model, "files": {role: str(path) for role, path in resolve(args.model).items()}}
+                  if args.model else args.ckpt or {"vae": args.vae, "var": args.var}),
+        "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
+        **dataclasses.asdict(settings), "seed": run_args.seed,
+        "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
+        "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
+        "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
+        "sampling_s": round(seconds, 3), "samples_per_s": round(len(labels) / max(seconds, 1e-9), 3),
+    }}
+    if sweep:
+        report["sweep"] = {name: value}
+    target = out / f"{name}_{value}" if sweep else out
+    return export_and_evaluate(samples, evaluator, target, run_args, report)
 
 
 def run_compare(args: argparse.Namespace) -> None:

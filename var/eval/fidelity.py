@@ -8,13 +8,16 @@ Everything in this package reaches it through the helpers here:
   ``cuda``, ``verbose=False`` and ``cache=False``;
 * :func:`resolve_weights` finds and hashes an extractor's weights file *before* any work is spent;
 * :class:`FeatureExtractor` builds a registered extractor and runs it over uint8 images with a progress bar,
-  TF32 disabled.
+  TF32 disabled.  torch-fidelity's own extractors unpickle a weights path with ``weights_only=False`` (a
+  crafted file runs code), so they never get one: :func:`weights_for_fidelity` reads the file with
+  ``weights_only=True`` and hands over an in-memory copy of its tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import math
 import os
 import warnings
@@ -31,7 +34,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
-from var.utils import sha256_of
+from var.checkpoints import read_checkpoint_file
+from var.utils import atomic_write, sha256_of
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -129,17 +133,33 @@ def write_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> No
         def load_state_dict(self, *args, **kwargs):  # keep the random initialisation
             return None
 
-    path = Path(path)
     torch.manual_seed(seed)
-    placeholder = path.with_suffix(".empty")
-    torch.save({}, placeholder)
-    network = RandomInit(INCEPTION, ["2048"], feature_extractor_weights_path=str(placeholder))
-    placeholder.unlink()
+    network = RandomInit(INCEPTION, ["2048"], feature_extractor_weights_path=_in_memory({}))
     for module in network.modules():
         if isinstance(module, torch.nn.Conv2d):  # default init makes activations vanish: FID ~ 0 for anything
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.nn.init.normal_(network.fc.weight, std=0.05)
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()}, path)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(weights, tmp))
+
+
+def _in_memory(state_dict: dict) -> io.BytesIO:
+    """A state dict serialised into memory: what torch-fidelity's ``torch.load`` gets instead of a path."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def weights_for_fidelity(name: str, path: str | None) -> str | io.BytesIO | None:
+    """The weights argument for extractor ``name``: our own extractors (with a resolver) read their file safely
+    themselves; torch-fidelity's get the tensors of ``path`` read with ``weights_only=True``, in memory."""
+    if path is None or name in WEIGHT_RESOLVERS:
+        return path
+    state = read_checkpoint_file(Path(path))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors, so it cannot be the weights of extractor '{name}'")
+    return _in_memory(state)
 
 
 # extractor name -> function(path or None) -> ExtractorWeights, for extractors that need a weights file
@@ -194,9 +214,15 @@ class FeatureExtractor:
         cuda = self.device.type == "cuda"
         if cuda and self.device.index is not None:
             torch.cuda.set_device(self.device)  # torch-fidelity moves the network with .cuda()
-        self.network = create_feature_extractor(
-            name, self.layers, **fidelity_kwargs(cuda, feature_extractor_weights_path=weights.path)
-        )
+        source = weights_for_fidelity(name, weights.path)
+        try:
+            self.network = create_feature_extractor(name, self.layers,
+                                                    **fidelity_kwargs(cuda, feature_extractor_weights_path=source))
+        except RuntimeError as error:  # load_state_dict: missing / unexpected / misshapen keys
+            if weights.path is None or "state_dict" not in str(error):
+                raise
+            reason = " ".join(str(error).split())[:200]
+            raise ValueError(f"{weights.path} does not hold the weights of extractor '{name}' ({reason})") from None
         self.shares: list[int] = []  # images each process extracted in the last call (see extract)
 
     @property

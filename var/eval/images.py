@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from var.utils import atomic_savez
+from var.utils import atomic_savez, atomic_write, open_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -46,7 +46,7 @@ def nhwc_to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
 
 def load_npz_samples(path: str | os.PathLike) -> Samples:
     """Read ``arr_0`` (uint8 NHWC) and, when present, ``labels`` from a samples npz."""
-    with np.load(path) as data:
+    with open_npz(path) as data:
         if "arr_0" not in data.files:
             raise ValueError(f"{path} has no 'arr_0' image array (keys: {', '.join(data.files)})")
         images = nhwc_to_tensor(data["arr_0"], str(path))
@@ -68,7 +68,8 @@ def save_pngs(directory: str | os.PathLike, samples: Samples) -> None:
     for index, image in enumerate(samples.images):
         folder = directory / f"{int(samples.labels[index]):04d}" if samples.labels is not None else directory
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:06d}.png")
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+        atomic_write(folder / f"{index:06d}.png", lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
 
 
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:

@@ -24,7 +24,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -37,7 +36,7 @@ from var.data.registry import SPLITS, DataConfig, build_dataset
 from var.eval.fidelity import FeatureExtractor
 from var.eval.images import ImageFolder, load_npz_samples
 from var.eval.metrics import FeatureStats
-from var.utils import atomic_savez, atomic_write, cache_dir, sha256_of, to_uint8
+from var.utils import atomic_savez, atomic_write, cache_dir, open_npz, sha256_of, to_uint8
 
 SHAPES_REFERENCE_SIZE = 2000
 DATASETS = {
@@ -128,7 +127,7 @@ class ReferenceSource:
         if path.suffix == ".npz":
             if not path.is_file():
                 raise FileNotFoundError(f"reference {path} not found")
-            with np.load(path) as data:
+            with open_npz(path) as data:
                 keys = set(data.files)
             if {"mu", "sigma"} <= keys:
                 return cls(spec, "stats", "arr_0" in keys)
@@ -179,7 +178,7 @@ class ReferenceSource:
 
 def _read_stats(path: str, extractor: FeatureExtractor) -> FeatureStats:
     """mu/sigma of a statistics npz; ours also name their extractor and weights, which must match."""
-    with np.load(path) as data:
+    with open_npz(path) as data:
         for key, expected in (("extractor", extractor.name), ("weights_sha256", extractor.weights.sha256)):
             if key in data.files and expected is not None and str(data[key]) != expected:
                 raise ValueError(

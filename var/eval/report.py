@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 from var.plots import HIGHER, LOWER, better_title, pyplot, save_figure
-from var.utils import atomic_write
+from var.utils import atomic_write_text
 
 # metric -> (axis label, which direction is better, the key of its spread, what the spread is over)
 PLOTTED_METRICS = {
@@ -24,7 +23,7 @@ PLOTTED_METRICS = {
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write_text(path, text + "\n")
 
 
 def plot_sweep(path: str | os.PathLike, setting: str, values: list, metrics: list[dict]) -> list[str]:

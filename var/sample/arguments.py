@@ -10,6 +10,10 @@ import argparse
 
 import torch
 
+from var.argtypes import integer
+from var.checkpoints import check_pair
+from var.hub import load_pair as load_release
+from var.hub import release, resolve
 from var.loading import load_one, load_pair
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
@@ -17,48 +21,88 @@ from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, opti
 from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
+MAX_SEED = 2**63 - 1
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="NAME",
+                       help="a released model by name (var-d16 ... var-d36, code-n6 ...; 'var doctor' says which are "
+                            "cached): its files from the Hugging Face cache (downloaded and checked if missing) and "
+                            "its authors' sampling settings for every setting not given")
     group.add_argument("--ckpt", help="checkpoint or run directory (written by 'var train')")
     group.add_argument("--vae", help="official VQ-VAE .pth (with --var)")
     group.add_argument("--var", help="official VAR .pth (with --vae)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     group.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")
+    group.add_argument("--force-tokenizer", action="store_true",
+                       help="use the tokenizer given although the transformer was trained on another one")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampling settings (guidance, filtering), the seed and the batch size."""
     group = parser.add_argument_group("sampling")
-    add_option_arguments(group, SETTINGS, defaults=True)
-    group.add_argument("--seed", type=int, default=0, help="batch i is sampled with seed + i")
-    group.add_argument("--batch-size", type=int, default=64)
+    add_option_arguments(group, SETTINGS)  # None = not given: a release's or the declared default applies
+    group.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="batch i is sampled with seed + i")
+    group.add_argument("--batch-size", type=integer(1), default=64)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """``--sampler`` and every declared sampler option (each names the samplers that take it)."""
     group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", default="var", choices=SAMPLER_NAMES,
+    group.add_argument("--sampler", choices=SAMPLER_NAMES,
                        help="plain next-scale (var), ScaleKV preset (scalekv), CoDe (code), scale-wise speculation "
-                            "(sjd-scale); the raster AR baseline: plain (ar) or speculative Jacobi (sjd)")
+                            "(sjd-scale); the raster AR baseline: plain (ar) or speculative Jacobi (sjd); default: "
+                            "var, or the sampler of the --model release")
     add_option_arguments(group, all_options(), option_users())
 
 
+def apply_release(args: argparse.Namespace) -> None:
+    """Fill what the command line left out: with ``--model NAME``, the release's sampler, sampler options (the
+    CoDe refiner's file included) and sampling settings; else the ``var`` sampler.
+
+    Raises a ValueError for an unknown name or a model given twice, and stops here when a file is missing or is
+    not the released one (see :func:`var.hub.resolve`).
+    """
+    name = getattr(args, "model", None)
+    if name is None:
+        if getattr(args, "sampler", "") is None:
+            args.sampler = "var"
+        return
+    if args.ckpt or args.vae or args.var:
+        raise ValueError(f"--model {name} is a whole released model: pass it instead of --ckpt/--vae/--var")
+    entry = release(name)
+    paths = resolve(name)  # every file found (or downloaded) and checked before any model is built
+    if hasattr(args, "sampler"):
+        args.sampler = args.sampler or entry.sampler or "var"
+        for option, value in entry.sampler_options.items():
+            if option in sampler_options(args.sampler) and getattr(args, option, None) is None:
+                setattr(args, option, value)
+        if "refiner" in sampler_options(args.sampler) and args.refiner is None and "refiner" in entry.components:
+            args.refiner = str(paths["refiner"])
+    for setting, value in entry.sampling.items():
+        if setting in SETTINGS and getattr(args, setting, None) is None:
+            setattr(args, setting, [value] if SETTINGS[setting].per_scale else value)
+
+
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
-    """Settings from the derived flags (a one-value per-scale list becomes that value)."""
-    values = {name: getattr(args, name) for name in SETTINGS}
+    """Settings from the derived flags (a one-value per-scale list becomes that value; a flag not given takes the
+    declared default)."""
+    values = {name: getattr(args, name) if getattr(args, name) is not None else spec.default
+              for name, spec in SETTINGS.items()}
     for name, spec in SETTINGS.items():
         if spec.per_scale and isinstance(values[name], (list, tuple)) and len(values[name]) == 1:
             values[name] = values[name][0]
-        elif spec.per_scale:
+        elif spec.per_scale and isinstance(values[name], (list, tuple)):
             values[name] = list(values[name])
     return SamplingSettings(**values)
 
 
-def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> dict:
-    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device``.
+def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
+                              tokenizer: torch.nn.Module | None = None) -> dict:
+    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device`` (and,
+    given the ``tokenizer`` they will decode with, checked to be trained on it unless --force-tokenizer).
 
     Raises a ValueError naming every flag that the chosen sampler does not take.
     """
@@ -68,13 +112,20 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
     for name, value in given.items():
         if specs[name].model:
             given[name] = load_one(value, specs[name].model, device)
+            if tokenizer is not None:
+                check_pair(tokenizer, given[name], getattr(args, "force_tokenizer", False))
     return given
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple:
     """(tokenizer, transformer) named by the model arguments: the transformer --sampler decodes (VAR, or the
     raster AR for 'ar'/'sjd'), compiled when --compile is given."""
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device, var_name=model_name_for(args.sampler))
+    if getattr(args, "model", None):
+        vqvae, model = load_release(args.model, device)
+    else:
+        vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device,
+                                 var_name=model_name_for(getattr(args, "sampler", None) or "var"),
+                                 force_tokenizer=args.force_tokenizer)
     if args.compile:
         compile_for_sampling(model, vqvae, args.compile)
     return vqvae, model

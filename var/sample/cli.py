@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from var.argtypes import integer
 from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    apply_release,
     load_models,
     sampler_options_from_args,
     settings_from_args,
@@ -40,19 +42,21 @@ def add_parser(subparsers) -> None:
     add_settings_arguments(parser)
     add_sampler_arguments(parser)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--labels", type=int, nargs="+", help="class labels (-1 = unconditional)")
-    which.add_argument("--per-class", type=int, help="this many samples of every class, one row per class")
+    which.add_argument("--labels", type=integer(-1), nargs="+", help="class labels (-1 = unconditional)")
+    which.add_argument("--per-class", type=integer(1), help="this many samples of every class, one row per class")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
-    parser.add_argument("--nrow", type=int, help="images per grid row")
+    parser.add_argument("--nrow", type=integer(1), help="images per grid row")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_release(args)
+    settings = settings_from_args(args)  # checked before any model is loaded
     device = resolve_device(args.device)
     vqvae, model = load_models(args, device)
-    options = sampler_options_from_args(args, device)
-    sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **options)
+    options = sampler_options_from_args(args, device, tokenizer=vqvae)
+    sampler = build_sampler(args.sampler, model, vqvae, settings, **options)
     if args.labels is not None:
         labels = torch.tensor(args.labels)
         nrow = args.nrow or min(8, len(labels))
@@ -61,13 +65,16 @@ def run(args: argparse.Namespace) -> None:
         labels = torch.arange(model.num_classes).repeat_interleave(per_class)
         nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(labels))))
     stats: list[dict] = []
-    images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
+    try:
+        images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted while sampling: nothing was written ({args.out} is written once every "
+                                "sample is drawn); run the same command again") from None
     sizes = [len(labels[start:start + args.batch_size]) for start in range(0, len(labels), args.batch_size)]
     passes = [batch["passes_per_image"] for batch in stats]
     mean_passes = sum(p * size for p, size in zip(passes, sizes, strict=True)) / len(labels)
     print(f"{args.sampler}: {mean_passes:.2f} forward passes per image")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from var.argtypes import checked
+
 
 def parse_bool(text: str) -> bool:
     """'true'/'false' (also 1/0, yes/no) as a bool, for sweeps over switches."""
@@ -177,7 +179,7 @@ def add_option_arguments(group, specs: dict[str, OptionSpec], users: dict[str, l
             group.add_argument(spec.flag, dest=name, action="store_true", default=False if defaults else None,
                                help=help_text)
             continue
-        kwargs = dict(dest=name, type=spec.parse, help=help_text, metavar=spec.metavar)
+        kwargs = dict(dest=name, type=checked(spec.parse), help=help_text, metavar=spec.metavar)
         if spec.choices is not None:
             kwargs.update(choices=spec.choices, metavar=None)
         if spec.per_scale:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from var.argtypes import integer
 from var.config import ExperimentConfig, load_experiment
 
 TOP_LEVEL = tuple(field.name for field in dataclasses.fields(ExperimentConfig))
@@ -52,7 +53,8 @@ def add_parser(subparsers) -> None:
                              help="CoDe fine-tuning recipe (sets var.recipe.name)")
     transformer.add_argument("--base", help="start from this VAR run/bundle (var.recipe.base)")
     transformer.add_argument("--teacher", help="refiner: frozen teacher VAR run/bundle (var.recipe.teacher)")
-    transformer.add_argument("--draft-steps", type=int, help="CoDe: number of drafter scales (var.recipe.draft_steps)")
+    transformer.add_argument("--draft-steps", type=integer(0),
+                             help="CoDe: number of drafter scales (var.recipe.draft_steps)")
     transformer.set_defaults(func=run_transformer)
 
 

@@ -41,7 +41,7 @@ from var.distributed import check_launch, quiet_other_processes
 from var.train.data import resumable_loader
 from var.train.optim import apply_schedules, peak_learning_rate
 from var.train.runs import TRAINING_STATE, RunDirectory, file_sizes
-from var.utils import seed_everything
+from var.utils import save_grid, seed_everything
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # the official fp16 loss scaling (spec_var 4): start at 2^11, grow every 1000 clean steps, never above 2^15
@@ -214,6 +214,13 @@ class Trainer:
     def write_samples(self) -> None:
         """Write a sample grid PNG into RUN/samples (optional)."""
 
+    def save_sample_grid(self, images: torch.Tensor, nrow: int, row_labels: list[str]) -> None:
+        """Write RUN/samples/step_<step>.png (rows labelled) and log the same grid to TensorBoard as ``samples``."""
+        grid = save_grid(images, self.run.samples / f"step_{self.step:07d}.png", nrow=nrow, row_labels=row_labels)
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": grid.unsqueeze(0)}, step=self.step)
+
     def window_metrics(self) -> dict[str, float]:
         """Metrics gathered over a logging window besides the per-step averages (optional)."""
         return {}
@@ -264,14 +271,15 @@ class Trainer:
         self.model = self.prepared[0]
         if self.config.ema_decay > 0:
             self.ema = exponential_moving_average(self.unwrap(self.model), self.config.ema_decay)
-        if self.is_main:  # every setting has been checked by now: the config is written only once it is valid
+        if self.is_main:
             self.run.create()
-            self.run.save_config(self.experiment)
         self.accelerator.wait_for_everyone()
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from, self.resume_state)
         else:
             seed_everything(self.config.seed + self.accelerator.process_index)  # per-process label dropout
+        if self.is_main:  # every setting has been checked and the checkpoint accepted them: only now is it saved
+            self.run.save_config(self.experiment)
         self.accelerator.init_trackers(self.name, config=_flatten(to_dict(self.experiment)))
 
     def unwrap(self, model: nn.Module) -> nn.Module:

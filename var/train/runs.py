@@ -28,7 +28,7 @@ import torch
 
 from var.config import save_config
 from var.loading import LATEST_POINTER
-from var.utils import atomic_write
+from var.utils import atomic_write_text
 
 STEP_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"
@@ -100,7 +100,7 @@ class RunDirectory:
 
     def save_config(self, experiment) -> None:
         """Write RUN/config.yaml atomically (a kill never leaves a half-written config behind)."""
-        atomic_write(self.config, lambda tmp: save_config(experiment, tmp))
+        save_config(experiment, self.config)
 
     def remove_partial(self) -> None:
         """Delete temporary directories left by a process killed while saving."""
@@ -165,7 +165,7 @@ class RunDirectory:
             shutil.rmtree(final)
         _fsync_tree(temporary)
         os.replace(temporary, final)
-        atomic_write(self.checkpoints / LATEST_POINTER, lambda tmp: Path(tmp).write_text(final.name + "\n"))
+        atomic_write_text(self.checkpoints / LATEST_POINTER, final.name + "\n")
         self.prune(keep, protect=final)
         return final
 

@@ -28,7 +28,6 @@ from var.tokenizers.vqvae import VQVAE
 from var.train.loop import Trainer
 from var.train.optim import build_optimizer
 from var.train.perceptual import PatchDiscriminator, hinge_discriminator_loss, load_perceptual_loss
-from var.utils import save_grid
 
 RESTART_STOP_FRACTION = 0.8
 PREVIEW_IMAGES = 8
@@ -199,12 +198,12 @@ class TokenizerTrainer(Trainer):
 
     @torch.no_grad()
     def write_samples(self) -> None:
-        """Validation images (top row) above their reconstructions (bottom row)."""
+        """Validation images (top row, labelled "original") above their reconstructions (bottom row)."""
         model = self.inference_model()
         was_training = model.training
         model.eval()
         images = self.preview.to(self.device)
         recon = model.decode(model.encode(images))
         model.train(was_training)
-        save_grid(torch.cat((images, recon)).add(1).mul(0.5), self.run.samples / f"step_{self.step:07d}.png",
-                  nrow=len(images))
+        self.save_sample_grid(torch.cat((images, recon)).add(1).mul(0.5), len(images),
+                              ["original", "reconstruction"])

@@ -27,7 +27,6 @@ from var.train.data import TokenizedDataset
 from var.train.loop import Trainer
 from var.train.losses import token_cross_entropy, weighted_mean
 from var.train.optim import build_optimizer
-from var.utils import save_grid
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 8
 
@@ -169,7 +168,7 @@ class TransformerTrainer(Trainer):
 
     def save_models(self, directory: Path) -> None:
         save_model(self.tokenizer, directory, "vqvae")
-        save_model(self.inference_model(), directory, self.kind)
+        save_model(self.inference_model(), directory, self.kind, tokenizer=self.tokenizer)
 
     def extra_state(self) -> dict:
         return self.trained_weights_state()
@@ -183,7 +182,7 @@ class TransformerTrainer(Trainer):
 
     @torch.no_grad()
     def write_samples(self) -> None:
-        """A grid of class-conditional samples, one row per class."""
+        """A grid of class-conditional samples, one row per class (labelled with it)."""
         model = self.inference_model()
         was_training = model.training
         model.eval()
@@ -191,4 +190,4 @@ class TransformerTrainer(Trainer):
         labels = classes.repeat_interleave(GRID_PER_CLASS).to(self.device)
         images = self.sampler(model).sample(labels, seed=0).images
         model.train(was_training)
-        save_grid(images, self.run.samples / f"step_{self.step:07d}.png", nrow=GRID_PER_CLASS)
+        self.save_sample_grid(images, GRID_PER_CLASS, [f"class {int(c)}" for c in classes])

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from var.models.var import VARConfig
+from var.utils import atomic_write_text
 
 FORMAT = "var-kv-budget/1"
 WINDOW_SIDE = 4  # a 4x4 grid of observation queries, 16 tokens, as ScaleKV uses
@@ -199,7 +200,7 @@ class KVBudget:
                              "'var calibrate-kv'") from error
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> KVBudget:
@@ -208,6 +209,6 @@ class KVBudget:
             raise FileNotFoundError(f"KV budget file {path} not found; write one with 'var calibrate-kv'")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON ({error})") from error
         return cls.from_dict(data, str(path))

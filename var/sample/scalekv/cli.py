@@ -11,8 +11,14 @@ from pathlib import Path
 
 import torch
 
-from var.loading import load_pair
-from var.sample.arguments import add_model_arguments, add_settings_arguments, settings_from_args
+from var.argtypes import integer, number
+from var.sample.arguments import (
+    add_model_arguments,
+    add_settings_arguments,
+    apply_release,
+    load_models,
+    settings_from_args,
+)
 from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget
 from var.sample.scalekv.calibrate import measure_selectivity
 from var.utils import autocast, resolve_device
@@ -26,14 +32,15 @@ def add_parser(subparsers) -> None:
     add_settings_arguments(parser)
     group = parser.add_argument_group("calibration")
     which = group.add_mutually_exclusive_group()
-    which.add_argument("--labels", type=int, nargs="+", help="calibration class labels")
-    which.add_argument("--num-labels", type=int, default=10, help="this many random classes (default 10)")
-    group.add_argument("--kv-budget", type=float, default=0.1, help="fraction of the cache kept (default 0.1)")
-    group.add_argument("--drafter-fraction", type=float, default=0.1,
+    which.add_argument("--labels", type=integer(-1), nargs="+", help="calibration class labels")
+    which.add_argument("--num-labels", type=integer(1), default=10, help="this many random classes (default 10)")
+    group.add_argument("--kv-budget", type=number(0, 1, exclusive_minimum=True), default=0.1,
+                       help="fraction of the cache kept (default 0.1)")
+    group.add_argument("--drafter-fraction", type=number(0, 1), default=0.1,
                        help="share of the compressed (layer, scale) pairs classified as drafters (default 0.1)")
-    group.add_argument("--kv-window", type=int, default=WINDOW_SIDE,
+    group.add_argument("--kv-window", type=integer(1), default=WINDOW_SIDE,
                        help="observation window grid side (default 4: 16 tokens)")
-    group.add_argument("--history-top-k", type=int,
+    group.add_argument("--history-top-k", type=integer(1),
                        help="K' of the selectivity index (default: the tokens per layer of the budget)")
     group.add_argument("--out", required=True, help="budget JSON to write")
     parser.set_defaults(func=run)
@@ -41,7 +48,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    vqvae, model = load_pair(args.ckpt, args.vae, args.var, device=device)
+    apply_release(args)
+    settings = settings_from_args(args)
+    vqvae, model = load_models(args, device)
     cfg = model.config
     if args.labels is not None:
         labels = torch.tensor(args.labels)
@@ -51,11 +60,10 @@ def run(args: argparse.Namespace) -> None:
     per_layer = KVBudget.uniform(cfg, args.kv_budget, args.kv_window).tokens_per_layer
     history_top_k = args.history_top_k or per_layer
     with autocast(device, args.dtype):
-        selectivity = measure_selectivity(model, vqvae, labels, history_top_k, settings_from_args(args),
+        selectivity = measure_selectivity(model, vqvae, labels, history_top_k, settings,
                                           args.batch_size, args.seed)
     budget = KVBudget.from_selectivity(cfg, selectivity, args.kv_budget, args.drafter_fraction, args.kv_window)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     budget.save(out)
     print(f"calibrated on {len(labels)} labels; {per_layer} history tokens per layer on average "
           f"({args.kv_budget:g} of {cfg.seq_len - cfg.tokens_per_scale[-1]})")
