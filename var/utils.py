@@ -106,6 +106,7 @@ def label_rows(grid: torch.Tensor, labels: Sequence[str], row_height: int, paddi
         draw.text((4, middle), label, fill="black", font=font, anchor="lm")
     return pil_to_tensor(picture).float() / 255
 
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

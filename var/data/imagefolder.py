@@ -78,8 +78,12 @@ class ImageFolderDataset(Dataset):
         for index in range(len(self.samples)):
             if index not in self.unreadable and self.load(index) is not None:
                 return index
-        raise ValueError(f"none of the {len(self.samples)} image files under {self.root} can be read (all damaged or "
-                         "not images); check the dataset folder")
+        raise self.nothing_readable()
+
+    def nothing_readable(self) -> ValueError:
+        """The error for a folder in which no image can be read."""
+        return ValueError(f"none of the {len(self.samples)} image files under {self.root} can be read (all damaged "
+                          "or not images); check the dataset folder")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -104,4 +108,4 @@ class ImageFolderDataset(Dataset):
             image = self.load(candidate)
             if image is not None:
                 return self.transform(image), self.samples[candidate][1]
-        return self[self.first_readable()]  # raises: every file has turned out unreadable
+        raise self.nothing_readable()  # every file has turned out unreadable

@@ -27,7 +27,6 @@ from var.eval.generate import class_balanced_labels, generate_samples, process_s
 from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
-from var.hub import resolve
 from var.sample.arguments import (
     SETTINGS,
     add_model_arguments,
@@ -243,7 +242,7 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
             evaluator.evaluate(None)  # extract this process's share of the features
         return None
     report = {"sampling": {
-        "model": ({"release": args.model, "files": {role: str(path) for role, path in resolve(args.model).items()}}
+        "model": ({"release": args.model, "files": {role: str(path) for role, path in args.release_files.items()}}
                   if args.model else args.ckpt or {"vae": args.vae, "var": args.var}),
         "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
         **dataclasses.asdict(settings), "seed": run_args.seed,

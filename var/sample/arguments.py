@@ -60,7 +60,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_release(args: argparse.Namespace) -> None:
     """Fill what the command line left out: with ``--model NAME``, the release's sampler, sampler options (the
-    CoDe refiner's file included) and sampling settings; else the ``var`` sampler.
+    CoDe refiner's file included) and sampling settings; else the ``var`` sampler. The release's resolved files
+    are kept in ``args.release_files`` (role -> path) for reports.
 
     Raises a ValueError for an unknown name or a model given twice, and stops here when a file is missing or is
     not the released one (see :func:`var.hub.resolve`).
@@ -73,7 +74,7 @@ def apply_release(args: argparse.Namespace) -> None:
     if args.ckpt or args.vae or args.var:
         raise ValueError(f"--model {name} is a whole released model: pass it instead of --ckpt/--vae/--var")
     entry = release(name)
-    paths = resolve(name)  # every file found (or downloaded) and checked before any model is built
+    paths = args.release_files = resolve(name)  # every file found (or downloaded) and checked before any model work
     if hasattr(args, "sampler"):
         args.sampler = args.sampler or entry.sampler or "var"
         for option, value in entry.sampler_options.items():
