@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from var.models.infinity_schedules import ScaleSchedule
+from var.models.family import ScaleSchedule
 from var.tokenizers.vqvae import Downsample, Upsample
 
 Grids = ScaleSchedule | Sequence[Sequence[int]]
@@ -195,7 +195,7 @@ class BSQEncoding:
 
 
 def _grid_list(schedule: Grids) -> list[tuple[int, int]]:
-    grids = schedule.grids if isinstance(schedule, ScaleSchedule) else schedule
+    grids = schedule.shapes if isinstance(schedule, ScaleSchedule) else schedule
     out = []
     for grid in grids:
         grid = tuple(int(v) for v in grid)
@@ -216,7 +216,7 @@ def trilinear_resize(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class BSQTokenizer(nn.Module):
     """The BSQ autoencoder with its multi-scale quantiser.
 
-    Schedules are :class:`~var.models.infinity_schedules.ScaleSchedule` objects or lists of (h, w) /
+    Schedules are :class:`~var.models.family.ScaleSchedule` objects or lists of (h, w) /
     (1, h, w) grids.  With ``spatial_patchify`` they are the *transformer's* grids (half the tokenizer's).
     Images are (B, 3, H, W) in [-1, 1].
     """
