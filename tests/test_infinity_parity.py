@@ -26,6 +26,8 @@ from var.infinity_checkpoints import (
 from var.models.infinity import PackedText, bit_logits
 from var.models.infinity_schedules import level_of, resolve_schedule
 from var.models.kv_cache import KVCache
+from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
 
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_infinity_small"
 FIXTURES = Path(os.environ.get("INFINITY_PARITY_FIXTURES", DEFAULT_FIXTURES))
@@ -278,3 +280,40 @@ def _infer_cases(cases: dict):
     """(name, case) of every inference case; ``*_fp32ca`` cases ran with float32 cross-attention."""
     for name, case in cases["infer"].items():
         yield name, {**case, "fp32ca": name.endswith("_fp32ca")}
+
+
+def _settings(case: dict) -> tuple[SamplingSettings, torch.Generator | None]:
+    """The sampler settings of an official inference case (official cfg_s = 1 + our t_s, tau = temperature)."""
+    official = case["settings"]
+    insertion = list(official["cfg_insertion_layer"])
+    assert len(insertion) == 1, "one cfg insertion layer per case"
+    settings = SamplingSettings(cfg=[float(c) - 1 for c in official["cfg_list"]],
+                                temperature=[float(t) for t in official["tau_list"]], top_k=int(official["top_k"]),
+                                top_p=float(official["top_p"]), cfg_layer=int(insertion[0]))
+    seed = official["g_seed"]
+    generator = None if seed is None or seed < 0 else torch.Generator("cpu").manual_seed(int(seed))
+    return settings, generator
+
+
+def test_parity_seeded_sampler_reproduces_official_bits(fixture):
+    """The ``var`` sampler on Infinity, seeded as the official run (CPU generator, one multinomial per scale):
+    every bit of every case exactly, and the guided logits, summed codes and image within tolerance."""
+    _, cases, vae, model, prompts = fixture
+    model.use_schedule(cases["scale_schedule"])
+    for name, case in _infer_cases(cases):
+        settings, generator = _settings(case)
+        if generator is None:
+            assert settings.top_k == 1, f"{name}: an unseeded case must be greedy to be reproducible"
+        model.set_cross_attention_bf16(not _fp32_ca(case))
+        try:
+            out = VARSampler(model, vae, settings).sample(prompts, generator=generator, record_logits=True,
+                                                          decode="image_float" in case)
+        finally:
+            model.set_cross_attention_bf16(True)
+        for si, (ours, ref) in enumerate(zip(out.indices, case["bits_per_scale"], strict=True)):
+            assert torch.equal(ours, ref.reshape(ours.shape).to(ours.dtype)), f"{name}: bits of scale {si}"
+        for si, (ours, ref) in enumerate(zip(out.guided_logits, case["logits_per_scale"], strict=True)):
+            assert _max_diff(ours, ref) <= _logit_tolerance(case), f"{name}: logits of scale {si}"
+        assert _max_diff(out.f_hat.squeeze(2), case["summed_codes"]) <= TOLERANCE["vae"], name
+        if "image_float" in case:
+            assert _max_diff(out.images, (case["image_float"] + 1) / 2) <= TOLERANCE["image"], name

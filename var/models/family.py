@@ -149,16 +149,20 @@ class ScaleTokenizer(Protocol):
     """A multi-scale tokenizer (VAR's VQ-VAE; Infinity's BSQ-VAE).
 
     One with a codebook may also offer ``soft_scale_features(weights (B, h*w, V), scale)``, the features of
-    soft code mixtures, which VAR's ``more_smooth`` setting feeds to f_hat.
+    soft code mixtures, which VAR's ``more_smooth`` setting feeds to f_hat.  ``schedule`` is the model's
+    (Infinity's tokenizer serves any schedule; VAR's VQ-VAE has its own and ignores it).
     """
 
-    def empty_latent(self, batch: int, device: torch.device | str) -> torch.Tensor:
+    def empty_latent(self, batch: int, device: torch.device | str, schedule: ScaleSchedule | None = None
+                     ) -> torch.Tensor:
         """The latent f_hat before any scale: zeros."""
 
-    def scale_features(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
-        """Features (B, C, h, w) of a scale's draws (B, h * w * draws_per_token)."""
+    def scale_features(self, tokens: torch.Tensor, scale: int, schedule: ScaleSchedule | None = None
+                       ) -> torch.Tensor:
+        """Features (B, C, [1,] h, w) of a scale's draws (B, h * w * draws_per_token)."""
 
-    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor,
+                         schedule: ScaleSchedule | None = None) -> torch.Tensor | None:
         """Add scale ``scale``'s features to f_hat in place; return the input (B, n_next, C_in) of the next
         scale, or None after the last one."""
 

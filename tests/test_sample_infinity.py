@@ -1,0 +1,143 @@
+"""Infinity through the samplers: the protocol, its guidance rule, and the exactness of sjd-scale on bits.
+
+The official seeded bits are reproduced in test_infinity_parity.py; here a tiny Infinity with 1-bit tokens
+over the scales 1x1, 2x2, 4x4 has an enumerable law: every (scale 0, scale 1) context (2^5 = 32) is run
+teacher-forced, which gives the exact probabilities of the first two scales and of each bit of the last
+scale given them.  Speculative sampling must match them (chi-square, seeded); broken variants must not.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
+from test_sample_sjd import ALPHA, BROKEN, BROKEN_SJD, chi_square_p
+
+from var.models.family import ScaleModel, ScaleTokenizer
+from var.models.infinity import PackedText
+from var.models.kv_cache import KVCache
+from var.sample import speculative
+from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
+from var.sample.speculative.scales import ScaleSpeculativeSampler
+
+NUM_SAMPLES = 12_000
+BROKEN_SAMPLES = 8_000
+LAST_BITS = (0, 5, 15)  # bits of the last scale whose joint law with the first two scales is tested
+SETTINGS = SamplingSettings(cfg=[0.5, 2.0, 1.0], temperature=[1.0, 0.8, 1.2], top_k=0, top_p=0.97)
+
+
+def test_infinity_and_bsq_satisfy_the_scale_protocols():
+    model, tokenizer = tiny_infinity(), tiny_bsq()
+    assert isinstance(model, ScaleModel) and isinstance(tokenizer, ScaleTokenizer)
+    model.use_schedule(TINY_SCHEDULE)
+    assert model.draws_per_token == 4 and model.vocab_size == 2 and model.depth == 2
+    with pytest.raises(ValueError, match="4-bit tokens"):
+        VARSampler(model, tiny_bsq(codebook_dim=2))
+    with pytest.raises(ValueError, match="give prompts"):
+        VARSampler(model, tokenizer).sample(None, seed=0)
+    with pytest.raises(ValueError, match="cfg_layer"):
+        VARSampler(model, tokenizer, SamplingSettings(cfg_layer=-3))
+    with pytest.raises(ValueError, match="cfg has 2 values"):
+        VARSampler(model, tokenizer, SamplingSettings(cfg=[1.0, 2.0]))
+
+
+@pytest.mark.parametrize("cfg_layer", [0, -1])
+def test_sampler_equals_a_hand_written_official_loop(cfg_layer):
+    """The protocol path (runner, rule, tokenizer) against the official loop spelled out on the model."""
+    model, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    text, settings = random_text([3, 5]), SamplingSettings(cfg=[0.0, 2.0, 3.0], temperature=0.5, top_k=0,
+                                                           top_p=0.9, cfg_layer=cfg_layer)
+    with torch.no_grad():
+        out = VARSampler(model, tokenizer, settings).sample(text, seed=5)
+        generator = torch.Generator().manual_seed(5)
+        cond = model.condition(text, guidance=True)
+        weights = [1.0, 3.0, 4.0]
+        if cfg_layer:
+            cond.mix_layer, cond.mix_weights = model.depth + cfg_layer, tuple(weights)
+        summed, inputs, cache = None, None, KVCache(model.depth, TINY_SCHEDULE.length)
+        for si in range(TINY_SCHEDULE.num_scales):
+            cache.begin_pass(si)
+            logits = model.logits(model.forward_scales(cond, si, inputs=inputs, cache=cache), cond) / 0.5
+            mixed = weights[si] * logits[:2] + (1 - weights[si]) * logits[2:]
+            logits = mixed if cfg_layer == 0 and weights[si] != 1 else logits[:2]
+            probs = logits.softmax(-1)
+            probs = torch.where(probs <= 0.1, 0.0, probs)  # top-p 0.9 on two outcomes
+            bits = torch.multinomial(probs.view(-1, 2), 1, generator=generator).view(2, -1)
+            assert torch.equal(bits, out.indices[si]), si
+            h, w = TINY_SCHEDULE.shapes[si]
+            summed, inputs = tokenizer.next_input(si, summed, tokenizer.bits_to_codes(bits.view(2, h, w, 4)),
+                                                  TINY_SCHEDULE)
+    torch.testing.assert_close(out.f_hat, summed)
+    assert out.images.shape == (2, 3, 8, 8)
+
+
+def repeated(text: PackedText, copies: int) -> PackedText:
+    return PackedText(text.features.repeat(copies, 1), text.lens * copies)
+
+
+@pytest.fixture(scope="module")
+def one_bit_infinity():
+    """A 1-bit Infinity and the exact law of its (scale 0, scale 1) bits and of chosen last-scale bits."""
+    model = tiny_infinity(bits_per_token=1, seed=3, width=32, num_heads=2, mlp_ratio=8.0, cross_attn_bf16=False)
+    model.use_schedule(TINY_SCHEDULE)
+    tokenizer = tiny_bsq(codebook_dim=1)
+    text = random_text([4])
+    contexts = torch.tensor(list(itertools.product(range(2), repeat=5)))  # (32, 5): scale 0, then scale 1
+    plain = VARSampler(model, tokenizer, SETTINGS)
+    with torch.no_grad():
+        state = plain.begin(repeated(text, len(contexts)))
+        features = []
+        for si, bits in enumerate((contexts[:, :1], contexts[:, 1:])):
+            features.append(tokenizer.next_scale_input(si, state.f_hat, plain.scale_features(bits, si),
+                                                       schedule=TINY_SCHEDULE))
+        runner = plain.new_runner(state)
+        hidden = runner.forward_scales(0, 2, [None, *features], state)
+        logits = model.logits(hidden, runner.cond)
+        probs = [plain.processed_logits(state, si, logits[:, begin:end]).softmax(-1)
+                 for si, (begin, end) in enumerate(TINY_SCHEDULE.bounds)]
+    first_two = probs[0][:, 0].gather(1, contexts[:, :1]).squeeze(1)
+    first_two = first_two * probs[1].gather(2, contexts[:, 1:, None]).squeeze(-1).prod(dim=1)  # (32,)
+    with_last = [(first_two.unsqueeze(1) * probs[2][:, i]).flatten() for i in LAST_BITS]  # (64,) each
+    return model, tokenizer, text, first_two, with_last
+
+
+def p_values(sampler, text, first_two, with_last, num_samples: int, seed: int = 0) -> tuple[list[float], float]:
+    out = sampler.sample(repeated(text, num_samples), seed=seed, decode=False)
+    codes = out.indices[0][:, 0] * 16 + (out.indices[1] * 2 ** torch.arange(3, -1, -1)).sum(dim=1)
+    values = [chi_square_p(codes, first_two)]
+    values += [chi_square_p(codes * 2 + out.indices[2][:, i], exact) for i, exact in zip(LAST_BITS, with_last,
+                                                                                        strict=True)]
+    return values, out.stats["passes_per_image"]
+
+
+def test_sjd_scale_on_bits_matches_the_exact_law(one_bit_infinity):
+    model, tokenizer, text, first_two, with_last = one_bit_infinity
+    sampler = ScaleSpeculativeSampler(model, tokenizer, SETTINGS, spec_scales=3, spec_max_tokens=16)
+    values, passes = p_values(sampler, text, first_two, with_last, NUM_SAMPLES)
+    assert min(values) > ALPHA / len(values), values
+    assert passes < 3  # speculation merged scales
+
+
+@pytest.mark.parametrize("variant", list(BROKEN_SJD))
+def test_sjd_scale_on_bits_broken_variants_are_detected(one_bit_infinity, monkeypatch, variant):
+    model, tokenizer, text, first_two, with_last = one_bit_infinity
+    sampler = ScaleSpeculativeSampler(model, tokenizer, SETTINGS, spec_scales=3, spec_max_tokens=16)
+    monkeypatch.setattr(speculative, *BROKEN_SJD[variant])
+    values, _ = p_values(sampler, text, first_two, with_last, BROKEN_SAMPLES)
+    assert min(values) < BROKEN, values
+
+
+@pytest.mark.parametrize("cfg_layer", [0, -1])
+def test_sjd_scale_gumbel_mode_equals_plain_on_infinity(cfg_layer):
+    model, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    settings = SamplingSettings(cfg=2.0, temperature=0.5, top_k=0, top_p=0.97, cfg_layer=cfg_layer)
+    text = random_text([3, 5, 2, 7])
+    plain = VARSampler(model, tokenizer, settings, gumbel=True).sample(text, seed=3)
+    fast = ScaleSpeculativeSampler(model, tokenizer, settings, spec_scales=3, spec_max_tokens=16,
+                                   gumbel=True).sample(text, seed=3)
+    for plain_bits, fast_bits in zip(plain.indices, fast.indices, strict=True):
+        assert torch.equal(plain_bits, fast_bits)
+    torch.testing.assert_close(fast.images, plain.images)
