@@ -15,10 +15,11 @@ import torch
 from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
 from test_sample_sjd import ALPHA, BROKEN, BROKEN_SJD, chi_square_p
 
-from var.models.family import ScaleModel, ScaleTokenizer
+from var.models.family import ScaleModel, ScaleSchedule, ScaleTokenizer
 from var.models.infinity import PackedText
 from var.models.kv_cache import KVCache
 from var.sample import speculative
+from var.sample.code import CoDeSampler
 from var.sample.logits import SamplingSettings
 from var.sample.scale import VARSampler
 from var.sample.speculative.scales import ScaleSpeculativeSampler
@@ -141,3 +142,25 @@ def test_sjd_scale_gumbel_mode_equals_plain_on_infinity(cfg_layer):
     for plain_bits, fast_bits in zip(plain.indices, fast.indices, strict=True):
         assert torch.equal(plain_bits, fast_bits)
     torch.testing.assert_close(fast.images, plain.images)
+
+
+@pytest.mark.parametrize("cfg_layer", [0, -1])
+def test_code_drafter_and_refiner_of_two_infinity_sizes(cfg_layer):
+    """CoDe on Infinity: a 2-block drafter, a smaller 1-block refiner; the refiner equal to the drafter is
+    plain sampling bit for bit (one generator through both phases)."""
+    drafter, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    refiner = tiny_infinity(seed=1, depth=1, width=32, num_heads=2, mlp_ratio=8.0).use_schedule(TINY_SCHEDULE)
+    settings = SamplingSettings(cfg=[1.0, 2.0, 3.0], temperature=0.7, top_k=0, top_p=0.95, cfg_layer=cfg_layer)
+    text = random_text([3, 5])
+    plain = VARSampler(drafter, tokenizer, settings).sample(text, seed=2)
+    same = CoDeSampler(drafter, tokenizer, settings, refiner=drafter, draft_steps=2).sample(text, seed=2)
+    for plain_bits, code_bits in zip(plain.indices, same.indices, strict=True):
+        assert torch.equal(plain_bits, code_bits)
+    small = CoDeSampler(drafter, tokenizer, settings, refiner=refiner, draft_steps=2).sample(text, seed=2)
+    assert torch.equal(small.indices[1], plain.indices[1])  # the drafter's scales are the plain ones
+    assert small.images.shape == plain.images.shape and small.stats["draft_steps"] == 2
+    with pytest.raises(ValueError, match="bits_per_token 2 .drafter: 4."):
+        CoDeSampler(drafter, tokenizer, settings, refiner=tiny_infinity(bits_per_token=2).use_schedule(TINY_SCHEDULE))
+    shorter = tiny_infinity().use_schedule(ScaleSchedule(TINY_SCHEDULE.shapes[:2], TINY_SCHEDULE.template))
+    with pytest.raises(ValueError, match=r"refiner does not fit the drafter: scales \(\(1, 1\), \(2, 2\)\)"):
+        CoDeSampler(drafter, tokenizer, settings, refiner=shorter)
