@@ -12,11 +12,13 @@ import itertools
 
 import pytest
 import torch
+from conftest import make_tiny_pair
 from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
 from test_sample_sjd import ALPHA, BROKEN, BROKEN_SJD, chi_square_p
 
 from var.models.family import ScaleModel, ScaleSchedule, ScaleTokenizer
 from var.models.infinity import PackedText
+from var.models.infinity_schedules import TEMPLATES
 from var.models.kv_cache import KVCache
 from var.sample import speculative
 from var.sample.code import CoDeSampler
@@ -164,3 +166,56 @@ def test_code_drafter_and_refiner_of_two_infinity_sizes(cfg_layer):
     shorter = tiny_infinity().use_schedule(ScaleSchedule(TINY_SCHEDULE.shapes[:2], TINY_SCHEDULE.template))
     with pytest.raises(ValueError, match=r"refiner does not fit the drafter: scales \(\(1, 1\), \(2, 2\)\)"):
         CoDeSampler(drafter, tokenizer, settings, refiner=shorter)
+
+
+# a non-square schedule: the first 5 grids of the 3:4 (h / w = 0.75) template, 1 + 4 + 12 + 48 + 108 tokens
+WIDE_SCHEDULE = ScaleSchedule(TEMPLATES[0.75][:5], 0.75)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "raw"])
+def test_scalekv_on_a_non_square_infinity_schedule(scoring):
+    model, tokenizer = tiny_infinity().use_schedule(WIDE_SCHEDULE), tiny_bsq()
+    settings = SamplingSettings(cfg=2.0, temperature=0.7, top_k=0, top_p=0.95)
+    text = random_text([3, 5])
+    plain = VARSampler(model, tokenizer, settings).sample(text, seed=4)
+    assert plain.images.shape == (2, 3, 18, 24)
+    full = VARSampler(model, tokenizer, settings, kv_budget=1.0, kv_scoring=scoring).sample(text, seed=4)
+    for plain_bits, bits in zip(plain.indices, full.indices, strict=True):  # budget 1.0 is the plain sampler
+        assert torch.equal(plain_bits, bits)
+    sampler = VARSampler(model, tokenizer, settings, kv_budget=0.3, kv_scoring=scoring, kv_window=2)
+    small = sampler.sample(text, seed=4)
+    budget = sampler.kv_policy.budget_for(model)
+    per_token = 2 * 4 * model.config.width * 4  # k and v, 2B rows, C channels, float32
+    assert small.stats["kv_bytes"] == sum(budget.capacities(0, WIDE_SCHEDULE.num_scales)) * per_token
+    assert small.stats["kv_bytes"] < 0.5 * plain.stats["kv_bytes"]
+    assert not all(torch.equal(a, b) for a, b in zip(plain.indices, small.indices, strict=True))
+
+
+def test_raw_query_scoring_sees_the_projection_without_bias():
+    """The released ScaleKV scores with x W_q: no q bias, normalisation, temperature or RoPE."""
+    model = tiny_infinity().use_schedule(TINY_SCHEDULE)
+    with torch.no_grad():
+        model.blocks[0].attn.q_bias.fill_(5.0)
+    seen, inputs = {}, {}
+
+    def record_input(module, args) -> None:
+        inputs.setdefault("x", args[0])
+
+    model.blocks[0].attn.register_forward_pre_hook(record_input)
+
+    class Recording(KVCache):
+        raw_queries = True
+
+        def after_attention(self, layer, queries, keys):
+            seen.setdefault(layer, queries)
+
+    cache = Recording(model.depth, TINY_SCHEDULE.length)
+    with torch.no_grad():
+        cache.begin_pass(0)
+        model.forward_scales(model.condition(random_text([3])), 0, cache=cache)
+    attention = model.blocks[0].attn
+    expected = (inputs["x"] @ attention.qkv.weight[: model.config.width].T).view(1, 1, 4, 16).transpose(1, 2)
+    torch.testing.assert_close(seen[0], expected)
+    with pytest.raises(ValueError, match="kv_scoring raw"):
+        vqvae, var_model = make_tiny_pair()
+        VARSampler(var_model, vqvae, kv_budget=0.5, kv_scoring="raw")

@@ -281,7 +281,11 @@ class SelfAttention(nn.Module):
             cached = torch.full((k.shape[2] - length,), -1, device=x.device, dtype=pass_scales.dtype)
             mask = block_causal_mask(pass_scales, torch.cat((cached, pass_scales)))
         out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, scale=1.0)
-        if cache is not None:  # the queries and keys exactly as the softmax saw them (normalised, rotated)
+        if cache is not None:  # the queries and keys exactly as the softmax saw them (normalised, rotated), or
+            # the raw projection x W_q (no bias, norm, temperature or RoPE) a cache scoring as the released
+            # ScaleKV does asks for
+            if getattr(cache, "raw_queries", False):
+                q = F.linear(x, self.qkv.weight[:width]).view(rows, length, self.num_heads, -1).transpose(1, 2)
             cache.after_attention(layer, q, k)
         return self.proj(out.transpose(1, 2).reshape(rows, length, width))
 
@@ -389,6 +393,7 @@ class Infinity(nn.Module):
     """
 
     sampling_rule = "infinity"
+    raw_query_scoring = True  # attention hands a cache with ``raw_queries`` x W_q (ScaleKV's released scoring)
 
     def __init__(self, cfg: InfinityConfig | None = None, **overrides):
         super().__init__()

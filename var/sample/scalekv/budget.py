@@ -30,14 +30,15 @@ FORMAT = "var-kv-budget/1"
 WINDOW_SIDE = 4  # a 4x4 grid of observation queries, 16 tokens, as ScaleKV uses
 
 
-def window_offsets(side: int, window_side: int = WINDOW_SIDE) -> list[int]:
-    """Positions, inside a side x side map, of the observation window: the centre token of each cell of a
-    window_side x window_side grid, or the whole map when it is smaller than the grid."""
-    if side < window_side:
-        return list(range(side * side))
-    cell = side // window_side
-    lines = [i * cell + (cell - 1) // 2 for i in range(window_side)]
-    return [row * side + col for row in lines for col in lines]
+def window_offsets(side: int | tuple[int, int], window_side: int = WINDOW_SIDE) -> list[int]:
+    """Positions, inside a side x side (or h x w) map, of the observation window: the centre token of each cell
+    of a window_side x window_side grid, or the whole map when it is smaller than the grid."""
+    height, width = (side, side) if isinstance(side, int) else side
+    if height < window_side or width < window_side:
+        return list(range(height * width))
+    rows = [i * (height // window_side) + (height // window_side - 1) // 2 for i in range(window_side)]
+    cols = [i * (width // window_side) + (width // window_side - 1) // 2 for i in range(window_side)]
+    return [row * width + col for row in rows for col in cols]
 
 
 @dataclass
