@@ -147,6 +147,21 @@ class PackedText:
     def batch_size(self) -> int:
         return len(self.lens)
 
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __getitem__(self, rows: slice) -> PackedText:
+        """The prompts of a slice of the batch (samplers take prompts in batches)."""
+        if not isinstance(rows, slice):
+            raise TypeError("index a PackedText with a slice of prompts")
+        ends = torch.tensor(self.lens).cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        chosen = range(len(self.lens))[rows]
+        if not chosen:
+            return PackedText(self.features[:0], ())  # raises: an empty batch has no prompt
+        return PackedText(torch.cat([self.features[starts[i]: ends[i]] for i in chosen]),
+                          tuple(self.lens[i] for i in chosen))
+
     def cat(self, other: PackedText) -> PackedText:
         """This batch followed by ``other`` (e.g. the unconditional half of a guidance batch)."""
         return PackedText(torch.cat((self.features, other.features)), self.lens + other.lens)
