@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pair
@@ -219,3 +220,45 @@ def test_raw_query_scoring_sees_the_projection_without_bias():
     with pytest.raises(ValueError, match="kv_scoring raw"):
         vqvae, var_model = make_tiny_pair()
         VARSampler(var_model, vqvae, kv_budget=0.5, kv_scoring="raw")
+
+
+def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypatch, capsys):
+    """`var sample --vae BSQ --var INFINITY --prompt ...`: the family is told by the keys, the prompts are
+    encoded by T5 from the local Hugging Face cache, the schedule comes from --resolution/--aspect."""
+    from huggingface_hub import constants
+    from test_text import save_tiny_t5
+
+    from var.cli import main
+    from var.infinity_checkpoints import infinity_to_official
+    from var.models.infinity_schedules import schedule_for
+    from var.text import FLAN_T5_XL, T5TextEncoder
+
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{FLAN_T5_XL.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    save_tiny_t5(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model, tokenizer = tiny_infinity(text_maxlen=16), tiny_bsq()
+    torch.save(infinity_to_official(model, block_chunks=2), tmp_path / "infinity.pth")
+    torch.save({"vae": tokenizer.state_dict()}, tmp_path / "bsq.pth")
+    flags = ["sample", "--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--cfg", "3",
+             "--temperature", "0.5", "--top-k", "900", "--top-p", "0.97", "--resolution", "256", "--aspect", "4:3",
+             "--seed", "1", "--prompt", "a red car", "a photo of a dog"]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match=f"text encoder {FLAN_T5_XL} is not in the local Hugging Face cache"):
+        main(flags + ["--out", str(tmp_path / "none.png")])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    main(flags + ["--out", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "samples.npz")])
+    assert "wrote 2 samples" in capsys.readouterr().out
+    samples = np.load(tmp_path / "samples.npz")
+    schedule = schedule_for(0.75, "0.06M")  # 4:3 is h / w = 0.75
+    assert samples["arr_0"].shape == (2, schedule.shapes[-1][0] * 2, schedule.shapes[-1][1] * 2, 3)
+    assert list(samples["prompts"]) == ["a red car", "a photo of a dog"]
+    text = T5TextEncoder(cache_dir=cache).encode_infinity(["a red car", "a photo of a dog"])
+    settings = SamplingSettings(cfg=3.0, temperature=0.5, top_k=900, top_p=0.97)
+    direct = VARSampler(model.use_schedule(schedule), tokenizer, settings).sample(text, seed=1)
+    assert torch.equal(torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2),
+                       direct.images.mul(255).round().clamp(0, 255).to(torch.uint8))
+    with pytest.raises(SystemExit, match="text-to-image"):
+        main(flags[:-3] + ["--out", str(tmp_path / "x.png")])

@@ -22,8 +22,9 @@ SETTINGS = declared(SamplingSettings)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--ckpt", help="checkpoint or run directory (written by 'var train')")
-    group.add_argument("--vae", help="official VQ-VAE .pth (with --var)")
-    group.add_argument("--var", help="official VAR .pth (with --vae)")
+    group.add_argument("--vae", help="official tokenizer .pth (with --var): VAR's VQ-VAE or Infinity's BSQ-VAE")
+    group.add_argument("--var", help="official transformer (with --vae): a VAR .pth, or an Infinity .pth / "
+                                     ".safetensors / folder of shards (told apart by its keys)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     group.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")

@@ -1,4 +1,5 @@
-"""``var sample``: draw class-conditional samples and save a PNG grid (and optionally an npz).
+"""``var sample``: draw class-conditional (VAR) or text-to-image (Infinity: ``--prompt``) samples and save a PNG
+grid (and optionally an npz).
 
 Its sampling-setting and sampler-option flags come from var/sample/arguments.py (derived from the
 declarations).
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from var.models.infinity import Infinity
+from var.models.infinity_schedules import parse_aspect, schedule_for
 from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
@@ -22,6 +25,7 @@ from var.sample.arguments import (
 )
 from var.sample.batches import sample_in_batches
 from var.sample.registry import build_sampler
+from var.text import FLAN_T5_XL, T5TextEncoder
 from var.utils import atomic_savez, resolve_device, save_grid
 
 
@@ -42,18 +46,52 @@ def add_parser(subparsers) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--labels", type=int, nargs="+", help="class labels (-1 = unconditional)")
     which.add_argument("--per-class", type=int, help="this many samples of every class, one row per class")
+    which.add_argument("--prompt", nargs="+", help="Infinity: prompts, one image each")
+    which.add_argument("--prompts", help="Infinity: a text file of prompts, one per line")
+    text = parser.add_argument_group("text-to-image (Infinity)")
+    text.add_argument("--text-encoder", default=FLAN_T5_XL,
+                      help="T5 model id in the local Hugging Face cache, or its folder (never downloaded)")
+    text.add_argument("--resolution", default="1M",
+                      help="schedule level: 0.06M, 0.25M, 0.60M, 1M or the square side 256, 512, 768, 1024")
+    text.add_argument("--aspect", default="1:1", help="W:H (16:9 is landscape) or height/width; the nearest "
+                                                      "official template is used")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
     parser.add_argument("--nrow", type=int, help="images per grid row")
     parser.set_defaults(func=run)
 
 
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt / --prompts (None for class-conditional sampling)."""
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SystemExit(f"--prompts {path}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"--prompts {path} holds no prompt")
+        return prompts
+    return args.prompt
+
+
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
+    prompts = read_prompts(args)
+    encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     vqvae, model = load_models(args, device)
+    if isinstance(model, Infinity):
+        if prompts is None:
+            raise SystemExit("Infinity is text-to-image: give --prompt 'a photo of a cat' or --prompts FILE")
+        model.use_schedule(schedule_for(parse_aspect(args.aspect), args.resolution))
+    elif prompts is not None:
+        raise SystemExit(f"--prompt needs a text-to-image model (Infinity); {type(model).__name__} takes --labels")
     options = sampler_options_from_args(args, device)
     sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **options)
-    if args.labels is not None:
+    if prompts is not None:
+        labels = encoder.encode_infinity(prompts)
+        del encoder  # T5 is not needed while sampling
+        nrow = args.nrow or min(8, len(labels))
+    elif args.labels is not None:
         labels = torch.tensor(args.labels)
         nrow = args.nrow or min(8, len(labels))
     else:
@@ -71,5 +109,6 @@ def run(args: argparse.Namespace) -> None:
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
-        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        conditions = {"prompts": prompts} if prompts is not None else {"labels": labels.numpy()}
+        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), **conditions)
         print(f"wrote {args.npz}")
