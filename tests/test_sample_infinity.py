@@ -222,16 +222,12 @@ def test_raw_query_scoring_sees_the_projection_without_bias():
         VARSampler(var_model, vqvae, kv_budget=0.5, kv_scoring="raw")
 
 
-def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypatch, capsys):
-    """`var sample --vae BSQ --var INFINITY --prompt ...`: the family is told by the keys, the prompts are
-    encoded by T5 from the local Hugging Face cache, the schedule comes from --resolution/--aspect."""
-    from huggingface_hub import constants
+def official_files(tmp_path):
+    """A tiny T5 in a fake Hugging Face cache and a tiny Infinity + BSQ pair written as official files."""
     from test_text import save_tiny_t5
 
-    from var.cli import main
     from var.infinity_checkpoints import infinity_to_official
-    from var.models.infinity_schedules import schedule_for
-    from var.text import FLAN_T5_XL, T5TextEncoder
+    from var.text import FLAN_T5_XL
 
     cache = tmp_path / "hub"
     repo = cache / f"models--{FLAN_T5_XL.replace('/', '--')}"
@@ -242,6 +238,19 @@ def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypat
     model, tokenizer = tiny_infinity(text_maxlen=16), tiny_bsq()
     torch.save(infinity_to_official(model, block_chunks=2), tmp_path / "infinity.pth")
     torch.save({"vae": tokenizer.state_dict()}, tmp_path / "bsq.pth")
+    return cache, model, tokenizer
+
+
+def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypatch, capsys):
+    """`var sample --vae BSQ --var INFINITY --prompt ...`: the family is told by the keys, the prompts are
+    encoded by T5 from the local Hugging Face cache, the schedule comes from --resolution/--aspect."""
+    from huggingface_hub import constants
+
+    from var.cli import main
+    from var.models.infinity_schedules import schedule_for
+    from var.text import FLAN_T5_XL, T5TextEncoder
+
+    cache, model, tokenizer = official_files(tmp_path)
     flags = ["sample", "--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--cfg", "3",
              "--temperature", "0.5", "--top-k", "900", "--top-p", "0.97", "--resolution", "256", "--aspect", "4:3",
              "--seed", "1", "--prompt", "a red car", "a photo of a dog"]
@@ -262,3 +271,23 @@ def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypat
                        direct.images.mul(255).round().clamp(0, 255).to(torch.uint8))
     with pytest.raises(SystemExit, match="text-to-image"):
         main(flags[:-3] + ["--out", str(tmp_path / "x.png")])
+
+
+def test_calibrate_kv_on_infinity_prompts_then_sample_with_the_budget(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from var.cli import main
+    from var.sample.scalekv.budget import KVBudget
+
+    cache, _, _ = official_files(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    files = ["--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--resolution", "256",
+             "--aspect", "3:4", "--cfg", "3", "--kv-budget", "0.2", "--kv-window", "2"]
+    main(["calibrate-kv", *files, "--prompt", "a red car", "a cat", "--out", str(tmp_path / "budget.json")])
+    assert "calibrated on 2 prompts" in capsys.readouterr().out
+    budget = KVBudget.load(tmp_path / "budget.json")
+    assert budget.patch_nums == tuple(h if h == w else (h, w) for h, w in TEMPLATES[1.333][:7])  # 3:4 = h/w 1.333
+    assert budget.selectivity is not None
+    main(["sample", *files[:-4], "--kv-budget", str(tmp_path / "budget.json"), "--prompt", "a dog",
+          "--out", str(tmp_path / "grid.png")])
+    assert "wrote 1 samples" in capsys.readouterr().out

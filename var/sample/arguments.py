@@ -7,13 +7,17 @@ option appears once, with one meaning, and its help names the samplers that take
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from var.loading import load_one, load_pair
+from var.models.infinity import Infinity
+from var.models.infinity_schedules import parse_aspect, schedule_for
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
+from var.text import FLAN_T5_XL
 from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
@@ -45,6 +49,43 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                        help="plain next-scale (var), ScaleKV preset (scalekv), CoDe (code), scale-wise speculation "
                             "(sjd-scale); the raster AR baseline: plain (ar) or speculative Jacobi (sjd)")
     add_option_arguments(group, all_options(), option_users())
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, exclusive) -> None:
+    """Text-to-image flags (Infinity): the prompts (in ``exclusive``, beside the class-label flags), the T5
+    encoder and the schedule."""
+    exclusive.add_argument("--prompt", nargs="+", help="Infinity: prompts, one image each")
+    exclusive.add_argument("--prompts", help="Infinity: a text file of prompts, one per line")
+    text = parser.add_argument_group("text-to-image (Infinity)")
+    text.add_argument("--text-encoder", default=FLAN_T5_XL,
+                      help="T5 model id in the local Hugging Face cache, or its folder (never downloaded)")
+    text.add_argument("--resolution", default="1M",
+                      help="schedule level: 0.06M, 0.25M, 0.60M, 1M or the square side 256, 512, 768, 1024")
+    text.add_argument("--aspect", default="1:1", help="W:H (16:9 is landscape) or height/width; the nearest "
+                                                      "official template is used")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt / --prompts (None for class-conditional sampling)."""
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SystemExit(f"--prompts {path}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"--prompts {path} holds no prompt")
+        return prompts
+    return args.prompt
+
+
+def use_text_arguments(args: argparse.Namespace, model, prompts: list[str] | None) -> None:
+    """Check that prompts and the model fit, and set an Infinity's schedule from --resolution/--aspect."""
+    if isinstance(model, Infinity):
+        if prompts is None:
+            raise SystemExit("Infinity is text-to-image: give --prompt 'a photo of a cat' or --prompts FILE")
+        model.use_schedule(schedule_for(parse_aspect(args.aspect), args.resolution))
+    elif prompts is not None:
+        raise SystemExit(f"--prompt needs a text-to-image model (Infinity); {type(model).__name__} takes --labels")
 
 
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
-from var.models.infinity import Infinity
-from var.models.infinity_schedules import parse_aspect, schedule_for
 from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    add_text_arguments,
     load_models,
+    read_prompts,
     sampler_options_from_args,
     settings_from_args,
+    use_text_arguments,
 )
 from var.sample.batches import sample_in_batches
 from var.sample.registry import build_sampler
-from var.text import FLAN_T5_XL, T5TextEncoder
+from var.text import T5TextEncoder
 from var.utils import atomic_savez, resolve_device, save_grid
 
 
@@ -46,32 +47,11 @@ def add_parser(subparsers) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--labels", type=int, nargs="+", help="class labels (-1 = unconditional)")
     which.add_argument("--per-class", type=int, help="this many samples of every class, one row per class")
-    which.add_argument("--prompt", nargs="+", help="Infinity: prompts, one image each")
-    which.add_argument("--prompts", help="Infinity: a text file of prompts, one per line")
-    text = parser.add_argument_group("text-to-image (Infinity)")
-    text.add_argument("--text-encoder", default=FLAN_T5_XL,
-                      help="T5 model id in the local Hugging Face cache, or its folder (never downloaded)")
-    text.add_argument("--resolution", default="1M",
-                      help="schedule level: 0.06M, 0.25M, 0.60M, 1M or the square side 256, 512, 768, 1024")
-    text.add_argument("--aspect", default="1:1", help="W:H (16:9 is landscape) or height/width; the nearest "
-                                                      "official template is used")
+    add_text_arguments(parser, which)
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
     parser.add_argument("--nrow", type=int, help="images per grid row")
     parser.set_defaults(func=run)
-
-
-def read_prompts(args: argparse.Namespace) -> list[str] | None:
-    """The prompts of --prompt / --prompts (None for class-conditional sampling)."""
-    if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise SystemExit(f"--prompts {path}: no such file (one prompt per line)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise SystemExit(f"--prompts {path} holds no prompt")
-        return prompts
-    return args.prompt
 
 
 def run(args: argparse.Namespace) -> None:
@@ -79,12 +59,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
     encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     vqvae, model = load_models(args, device)
-    if isinstance(model, Infinity):
-        if prompts is None:
-            raise SystemExit("Infinity is text-to-image: give --prompt 'a photo of a cat' or --prompts FILE")
-        model.use_schedule(schedule_for(parse_aspect(args.aspect), args.resolution))
-    elif prompts is not None:
-        raise SystemExit(f"--prompt needs a text-to-image model (Infinity); {type(model).__name__} takes --labels")
+    use_text_arguments(args, model, prompts)
     options = sampler_options_from_args(args, device)
     sampler = build_sampler(args.sampler, model, vqvae, settings_from_args(args), **options)
     if prompts is not None:

@@ -41,6 +41,12 @@ def window_offsets(side: int | tuple[int, int], window_side: int = WINDOW_SIDE) 
     return [row * width + col for row in rows for col in cols]
 
 
+def scale_key(patch_num: int | Sequence[int]) -> str:
+    """'hxw' of a square side or an (h, w) grid (Infinity's non-square scales)."""
+    height, width = (patch_num, patch_num) if isinstance(patch_num, int) else patch_num
+    return f"{height}x{width}"
+
+
 @dataclass
 class KVBudget:
     """Per-scale, per-layer history budgets for one transformer shape (patch_nums, depth).
@@ -161,7 +167,7 @@ class KVBudget:
     def to_dict(self) -> dict:
         scales = {}
         for k, pn in enumerate(self.patch_nums):
-            scales[f"{pn}x{pn}"] = {
+            scales[scale_key(pn)] = {
                 "history_tokens": self.history[k],
                 "drafter_layers": self.drafters[k],
                 "selectivity": self.selectivity[k] if self.selectivity else None,
@@ -182,8 +188,9 @@ class KVBudget:
             raise ValueError(f"{source} is not a KV budget (expected \"format\": \"{FORMAT}\"); write one with "
                              "'var calibrate-kv'")
         try:
-            patch_nums = tuple(int(pn) for pn in data["patch_nums"])
-            scales = [data["scales"][f"{pn}x{pn}"] for pn in patch_nums]
+            patch_nums = tuple(int(pn) if isinstance(pn, int) else tuple(int(v) for v in pn)
+                               for pn in data["patch_nums"])
+            scales = [data["scales"][scale_key(pn)] for pn in patch_nums]
             selectivity = [scale["selectivity"] for scale in scales]
             return cls(
                 patch_nums=patch_nums,
