@@ -172,3 +172,28 @@ def test_sharded_role_resolves_to_its_folder(tmp_path, monkeypatch):
     assert (folder / "config.json").read_bytes() == b"config.json" and (folder / "spiece.model").exists()
     with pytest.raises(ValueError, match="no llamagen-c2i loader"):
         hub.load_pair("llamagen-c2i-b-256")
+
+
+def test_infinity_release_loads_from_the_cache_by_name(tmp_path, monkeypatch):
+    from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
+
+    from var.infinity_checkpoints import infinity_to_official
+
+    model, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    files = {"infinity_vae_d32reg.pth": _tensor_bytes({"vae": tokenizer.state_dict()}),
+             "infinity_2b_reg.pth": _tensor_bytes(infinity_to_official(model, block_chunks=2))}
+    cache = tmp_path / "hf"
+    for filename, data in files.items():
+        put_in_fake_hub(cache, hub.INFINITY_REPO, filename, data)
+    entry = hub.RELEASES["infinity-2b"]  # the T5 files are another role, not needed to load the pair
+    monkeypatch.setitem(hub.RELEASES, "infinity-2b", dataclasses.replace(
+        entry, components={role: fs for role, fs in entry.components.items() if role != "text_encoder"}))
+    _as_published(monkeypatch, "infinity-2b", files)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded_tokenizer, loaded = hub.load_pair("infinity-2b")
+    text = random_text([3, 5])
+    reference = VARSampler(model, tokenizer).sample(text, seed=3)
+    again = VARSampler(loaded.use_schedule(TINY_SCHEDULE), loaded_tokenizer).sample(text, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(reference.indices, again.indices, strict=True))
+    assert torch.equal(reference.images, again.images)
