@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from var.models.family import ScaleSchedule
 from var.models.infinity import Infinity, InfinityConfig, PackedText
-from var.models.infinity_schedules import ScaleSchedule
 from var.tokenizers.bsq import BSQConfig, BSQTokenizer
 
 # a prefix of the ratio-1.0 template: 1 + 4 + 16 tokens, RoPE on the 64 x 64 grid
-TINY_SCHEDULE = ScaleSchedule(1.0, ((1, 1), (2, 2), (4, 4)))
+TINY_SCHEDULE = ScaleSchedule(((1, 1), (2, 2), (4, 4)), template=1.0)
 
 
 def tiny_infinity_config(**overrides) -> InfinityConfig:

@@ -25,6 +25,16 @@ def test_bench_tiny_cpu_writes_report_and_plot(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_bench_infinity_rows_plain_and_scalekv(tmp_path):
+    main(["bench", "--device", "cpu", "--tiny", "--runs", "1", "--batch-sizes", "2", "--depths", "1",
+          "--samplers", "var", "scalekv:kv_budget=0.3,kv_window=2", "code", "--infinity", "infinity_2b",
+          "--aspect", "4:3", "--out", str(tmp_path)])
+    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["results"] if r["depth"] == "infinity_2b"]
+    assert [r["sampler"] for r in rows] == ["var", "scalekv"]  # CoDe's random refiner is a VAR: not on Infinity
+    assert all(r["params"] == 2_204_564_032 and r["img_per_s"] > 0 for r in rows)  # the official 2B, counted on meta
+    assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+
+
 def test_base_ratios_report_what_only_the_add_on_fits():
     rows = [
         {"sampler": "var", "depth": 30, "B": 64, "img_per_s": 100.0, "peak_GB": 40.0, "kv_bytes": 1000},

@@ -225,3 +225,28 @@ def test_a_released_model_problem_stops_before_any_model_work(argv, fragment, tm
         main(["sample", *argv, "--out", str(tmp_path / "grid.png")])
     assert fragment in str(stop.value.code) and "\n" not in str(stop.value.code)
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_infinity_release_loads_from_the_cache_by_name(tmp_path, monkeypatch):
+    from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
+
+    from var.infinity_checkpoints import infinity_to_official
+
+    model, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    files = {"infinity_vae_d32reg.pth": _tensor_bytes({"vae": tokenizer.state_dict()}),
+             "infinity_2b_reg.pth": _tensor_bytes(infinity_to_official(model, block_chunks=2))}
+    cache = tmp_path / "hf"
+    for filename, data in files.items():
+        put_in_fake_hub(cache, hub.INFINITY_REPO, filename, data)
+    entry = hub.RELEASES["infinity-2b"]  # the T5 files are another role, not needed to load the pair
+    monkeypatch.setitem(hub.RELEASES, "infinity-2b", dataclasses.replace(
+        entry, components={role: fs for role, fs in entry.components.items() if role != "text_encoder"}))
+    _as_published(monkeypatch, "infinity-2b", files)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded_tokenizer, loaded = hub.load_pair("infinity-2b")
+    text = random_text([3, 5])
+    reference = VARSampler(model, tokenizer).sample(text, seed=3)
+    again = VARSampler(loaded.use_schedule(TINY_SCHEDULE), loaded_tokenizer).sample(text, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(reference.indices, again.indices, strict=True))
+    assert torch.equal(reference.images, again.images)

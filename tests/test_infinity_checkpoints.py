@@ -118,7 +118,7 @@ def test_infinity_file_round_trip_and_shards(tmp_path):
     weight_map = {k: "model-00001-of-00002.safetensors" if i < 20 else "model-00002-of-00002.bin"
                   for i, k in enumerate(keys)}
     (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    text, inputs = random_text([2, 3]), torch.randn(2, TINY_SCHEDULE.seq_len - 1, 4)
+    text, inputs = random_text([2, 3]), torch.randn(2, TINY_SCHEDULE.length - 1, 4)
     with torch.no_grad():
         expected = model(text, inputs, TINY_SCHEDULE)
         for source in (tmp_path / "infinity.pth", shards):

@@ -17,11 +17,11 @@ LENS = [3, 5]
 
 def _inputs(batch: int = 2, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, TINY_SCHEDULE.seq_len - 1, 4, generator=generator) * 0.5
+    return torch.randn(batch, TINY_SCHEDULE.length - 1, 4, generator=generator) * 0.5
 
 
 def _scale_inputs(inputs: torch.Tensor, si: int) -> torch.Tensor | None:
-    begin, end = TINY_SCHEDULE.scale_bounds[si]
+    begin, end = TINY_SCHEDULE.bounds[si]
     return None if si == 0 else inputs[:, begin - 1: end - 1]
 
 
@@ -32,14 +32,15 @@ def test_cached_scale_by_scale_forward_equals_teacher_forcing(bf16):
     with torch.no_grad():
         teacher = model(text, inputs, TINY_SCHEDULE)  # (B, L, 2d)
         cond = model.condition(text)
-        cache = KVCache(model.config.depth, TINY_SCHEDULE.seq_len)
+        cache = KVCache(model.config.depth, TINY_SCHEDULE.length)
         for si in range(TINY_SCHEDULE.num_scales):
             cache.begin_pass(si)
-            hidden = model.forward_scales(cond, _scale_inputs(inputs, si), TINY_SCHEDULE, si, cache=cache)
-            begin, end = TINY_SCHEDULE.scale_bounds[si]
+            hidden = model.forward_scales(cond, si, inputs=_scale_inputs(inputs, si), schedule=TINY_SCHEDULE,
+                                          cache=cache)
+            begin, end = TINY_SCHEDULE.bounds[si]
             # bf16 rounding of cross-attention can flip with the summation order of a different pass length
-            torch.testing.assert_close(model.logits(hidden, cond), teacher[:, begin:end], atol=1e-2 if bf16 else 1e-5,
-                                       rtol=0)
+            torch.testing.assert_close(model.head_logits(hidden, cond), teacher[:, begin:end],
+                                       atol=1e-2 if bf16 else 1e-5, rtol=0)
 
 
 def test_prefill_pass_over_several_scales_then_cached_scale():
@@ -47,12 +48,12 @@ def test_prefill_pass_over_several_scales_then_cached_scale():
     text, inputs = random_text(LENS), _inputs()
     with torch.no_grad():
         cond = model.condition(text)
-        teacher = model.forward_scales(cond, inputs, TINY_SCHEDULE, 0, 2)
-        cache = KVCache(model.config.depth, TINY_SCHEDULE.seq_len)
+        teacher = model.forward_scales(cond, 0, 2, inputs=inputs, schedule=TINY_SCHEDULE)
+        cache = KVCache(model.config.depth, TINY_SCHEDULE.length)
         cache.begin_pass(1)
-        prefill = model.forward_scales(cond, inputs[:, :4], TINY_SCHEDULE, 0, 1, cache=cache)  # scales 0..1
+        prefill = model.forward_scales(cond, 0, 1, inputs=inputs[:, :4], schedule=TINY_SCHEDULE, cache=cache)
         cache.begin_pass(2, persist=False)
-        last = model.forward_scales(cond, _scale_inputs(inputs, 2), TINY_SCHEDULE, 2, cache=cache)
+        last = model.forward_scales(cond, 2, inputs=_scale_inputs(inputs, 2), schedule=TINY_SCHEDULE, cache=cache)
     torch.testing.assert_close(torch.cat((prefill, last), 1), teacher, atol=1e-5, rtol=0)
     assert cache.length == 5  # the last scale was used, not stored
 
@@ -65,12 +66,12 @@ def test_cache_hook_sees_normalised_rotated_keys_of_all_visible_tokens():
         def after_attention(self, layer, queries, keys):
             seen.append((layer, queries.shape, keys.clone()))
 
-    cache = Recording(model.config.depth, TINY_SCHEDULE.seq_len)
+    cache = Recording(model.config.depth, TINY_SCHEDULE.length)
     with torch.no_grad():
         cond = model.condition(random_text(LENS), guidance=True)
         for si in range(2):
             cache.begin_pass(si)
-            model.forward_scales(cond, _scale_inputs(_inputs(), si), TINY_SCHEDULE, si, cache=cache)
+            model.forward_scales(cond, si, inputs=_scale_inputs(_inputs(), si), schedule=TINY_SCHEDULE, cache=cache)
     layer, query_shape, keys = seen[-1]
     assert layer == model.config.depth - 1
     assert query_shape == (4, 4, 4, 16)  # (2B rows, heads, this scale's tokens, head_dim)
@@ -92,7 +93,7 @@ def test_guidance_batch_and_empty_text():
         with_negative = model.condition(text, guidance=True, negative=negative)
         torch.testing.assert_close(with_negative.pooled[2:], model.condition(negative).pooled)
         # B rows of inputs are repeated for the unconditional half
-        hidden = model.forward_scales(guided, _scale_inputs(_inputs(), 1)[:, :0], TINY_SCHEDULE, 0)
+        hidden = model.forward_scales(guided, 0, inputs=_scale_inputs(_inputs(), 1)[:, :0], schedule=TINY_SCHEDULE)
         assert hidden.shape == (4, 1, 64)
     with pytest.raises(ValueError, match="negative prompts"):
         model.condition(text, guidance=True, negative=random_text([2]))
@@ -112,11 +113,11 @@ def test_after_layer_callback_mixes_hidden_states():
 
     with torch.no_grad():
         cond = model.condition(random_text(LENS), guidance=True)
-        plain = model.forward_scales(cond, None, TINY_SCHEDULE, 0)
-        mixed = model.forward_scales(cond, None, TINY_SCHEDULE, 0, after_layer=mix_last)
+        plain = model.forward_scales(cond, 0, schedule=TINY_SCHEDULE)
+        mixed = model.forward_scales(cond, 0, schedule=TINY_SCHEDULE, after_layer=mix_last)
     assert calls == list(range(model.config.depth))
     torch.testing.assert_close(mixed[:2], 3.0 * plain[:2] - 2.0 * plain[2:])
-    assert model.logits(mixed[:2], cond).shape == (2, 1, 8)  # the head uses the conditional rows' pooled text
+    assert model.head_logits(mixed[:2], cond).shape == (2, 1, 8)  # the head uses the conditional rows' pooled text
 
 
 def test_bit_logits_layout():
@@ -157,7 +158,8 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="channels"):
         model.condition(random_text([2], channels=8))
     with pytest.raises(ValueError, match="tokens"):
-        model.forward_scales(model.condition(random_text([2])), torch.zeros(1, 3, 4), TINY_SCHEDULE, 1)
+        model.forward_scales(model.condition(random_text([2])), 1, inputs=torch.zeros(1, 3, 4),
+                             schedule=TINY_SCHEDULE)
     with pytest.raises(ValueError, match="sum"):
         PackedText(torch.zeros(4, 16), (2, 3))
     with pytest.raises(ValueError, match="divisible by 4"):

@@ -25,8 +25,10 @@ from var.infinity_checkpoints import (
     load_official_infinity,
 )
 from var.models.infinity import PackedText, bit_logits
-from var.models.infinity_schedules import resolve_schedule
+from var.models.infinity_schedules import level_of, resolve_schedule
 from var.models.kv_cache import KVCache
+from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
 
 DEFAULT_FIXTURES = SHARED / "fixtures" / "official_infinity_small"
 FIXTURES = Path(os.environ.get("INFINITY_PARITY_FIXTURES", DEFAULT_FIXTURES))
@@ -105,9 +107,9 @@ def test_parity_sizes_inferred_from_state_dicts():
 def test_parity_scale_schedule(fixture):
     config, cases, _, model, _ = fixture
     schedule = resolve_schedule(cases["scale_schedule"])
-    assert schedule.ratio == config["h_div_w_template"]
-    assert schedule.level == config["pn"]
-    assert schedule.seq_len == config["seq_len"]
+    assert schedule.template == config["h_div_w_template"]
+    assert level_of(schedule) == config["pn"]
+    assert schedule.length == config["seq_len"]
 
 
 def test_parity_tokenizer(fixture):
@@ -155,7 +157,8 @@ def test_parity_teacher_forced_blocks_and_logits(fixture):
         return x
 
     cond = model.condition(prompts)
-    model.forward_scales(cond, teacher["x_BLC_wo_prefix"], schedule, 0, schedule.num_scales - 1, after_layer=record)
+    model.forward_scales(cond, 0, schedule.num_scales - 1, inputs=teacher["x_BLC_wo_prefix"], schedule=schedule,
+                         after_layer=record)
     for layer, ref in enumerate(teacher["block_outputs_sample0_first5scales"]):
         assert _max_diff(recorded[layer][: ref.shape[0]], ref) <= TOLERANCE["logits_bf16_ca"]
     logits = model(prompts, teacher["x_BLC_wo_prefix"], schedule)
@@ -175,12 +178,12 @@ def test_parity_cached_forward_equals_teacher_forcing(fixture):
     model.set_cross_attention_bf16(False)  # float32 end to end, so only summation order differs
     try:
         cond = model.condition(prompts)
-        full = model.forward_scales(cond, inputs, schedule, 0, schedule.num_scales - 1)
-        cache = KVCache(model.config.depth, schedule.seq_len)
-        for si, (begin, end) in enumerate(schedule.scale_bounds):
+        full = model.forward_scales(cond, 0, schedule.num_scales - 1, inputs=inputs, schedule=schedule)
+        cache = KVCache(model.config.depth, schedule.length)
+        for si, (begin, end) in enumerate(schedule.bounds):
             cache.begin_pass(si)
-            hidden = model.forward_scales(cond, inputs[:, begin - 1: end - 1] if si else None, schedule, si,
-                                          cache=cache)
+            scale_inputs = inputs[:, begin - 1: end - 1] if si else None
+            hidden = model.forward_scales(cond, si, inputs=scale_inputs, schedule=schedule, cache=cache)
             assert _max_diff(hidden, full[:, begin:end]) <= TOLERANCE["logits_fp32_ca"]
     finally:
         model.set_cross_attention_bf16(True)
@@ -196,7 +199,7 @@ def _replay(model, vae, prompts, case, schedule, stored_inputs: bool = False):
     mix_layers = {model.config.depth + k for k in insertion if k < 0}
     model.set_cross_attention_bf16(not _fp32_ca(case))
     cond = model.condition(prompts, guidance=guided)
-    cache = KVCache(model.config.depth, schedule.seq_len)
+    cache = KVCache(model.config.depth, schedule.length)
     summed, inputs, logits_per_scale, inputs_per_scale = None, None, [], []
     try:
         for si in range(schedule.num_scales):
@@ -211,7 +214,7 @@ def _replay(model, vae, prompts, case, schedule, stored_inputs: bool = False):
             if stored_inputs and si:
                 inputs = case["next_scale_inputs"][si - 1]
             cache.begin_pass(si, persist=si < schedule.num_scales - 1)
-            hidden = model.forward_scales(cond, inputs, schedule, si, cache=cache, after_layer=mix)
+            hidden = model.forward_scales(cond, si, inputs=inputs, schedule=schedule, cache=cache, after_layer=mix)
             if guided and weight != 1 and 0 in insertion:
                 logits = model.logits(hidden, cond).mul(1 / tau)
                 logits = weight * logits[:batch] + (1 - weight) * logits[batch:]
@@ -275,3 +278,40 @@ def _infer_cases(cases: dict):
     """(name, case) of every inference case; ``*_fp32ca`` cases ran with float32 cross-attention."""
     for name, case in cases["infer"].items():
         yield name, {**case, "fp32ca": name.endswith("_fp32ca")}
+
+
+def _settings(case: dict) -> tuple[SamplingSettings, torch.Generator | None]:
+    """The sampler settings of an official inference case (official cfg_s = 1 + our t_s, tau = temperature)."""
+    official = case["settings"]
+    insertion = list(official["cfg_insertion_layer"])
+    assert len(insertion) == 1, "one cfg insertion layer per case"
+    settings = SamplingSettings(cfg=[float(c) - 1 for c in official["cfg_list"]],
+                                temperature=[float(t) for t in official["tau_list"]], top_k=int(official["top_k"]),
+                                top_p=float(official["top_p"]), cfg_layer=int(insertion[0]))
+    seed = official["g_seed"]
+    generator = None if seed is None or seed < 0 else torch.Generator("cpu").manual_seed(int(seed))
+    return settings, generator
+
+
+def test_parity_seeded_sampler_reproduces_official_bits(fixture):
+    """The ``var`` sampler on Infinity, seeded as the official run (CPU generator, one multinomial per scale):
+    every bit of every case exactly, and the guided logits, summed codes and image within tolerance."""
+    _, cases, vae, model, prompts = fixture
+    model.use_schedule(cases["scale_schedule"])
+    for name, case in _infer_cases(cases):
+        settings, generator = _settings(case)
+        if generator is None:
+            assert settings.top_k == 1, f"{name}: an unseeded case must be greedy to be reproducible"
+        model.set_cross_attention_bf16(not _fp32_ca(case))
+        try:
+            out = VARSampler(model, vae, settings).sample(prompts, generator=generator, record_logits=True,
+                                                          decode="image_float" in case)
+        finally:
+            model.set_cross_attention_bf16(True)
+        for si, (ours, ref) in enumerate(zip(out.indices, case["bits_per_scale"], strict=True)):
+            assert torch.equal(ours, ref.reshape(ours.shape).to(ours.dtype)), f"{name}: bits of scale {si}"
+        for si, (ours, ref) in enumerate(zip(out.guided_logits, case["logits_per_scale"], strict=True)):
+            assert _max_diff(ours, ref) <= _logit_tolerance(case), f"{name}: logits of scale {si}"
+        assert _max_diff(out.f_hat.squeeze(2), case["summed_codes"]) <= TOLERANCE["vae"], name
+        if "image_float" in case:
+            assert _max_diff(out.images, (case["image_float"] + 1) / 2) <= TOLERANCE["image"], name

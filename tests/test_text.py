@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from var.text import FLAN_T5_XL, T5TextEncoder, clean_caption, left_pad, pack_text
+from var.models.infinity import PackedText
+from var.text import FLAN_T5_XL, T5TextEncoder, clean_caption, left_pad
 
 WORDS = ["a", "photo", "of", "cat", "dog", "on", "the", "sofa", "red", "car"]
 
@@ -94,12 +95,11 @@ def test_infinity_flavour_packs_the_real_rows(encoder):
     packed = encoder.encode_infinity(prompts)
     features, mask = encoder.encode(prompts, 512)
     lens = mask.sum(1).tolist()
-    assert packed.lens == lens and packed.max_len == max(lens)
-    assert packed.cu_seqlens.dtype == torch.int32
-    assert packed.cu_seqlens.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
+    assert packed.lens == tuple(lens)
     expected = torch.cat([features[i, :n] for i, n in enumerate(lens)])
-    torch.testing.assert_close(packed.kv_compact, expected)
-    assert packed.as_tuple()[1] is packed.lens
+    torch.testing.assert_close(packed.features, expected)
+    assert packed[1:].lens == tuple(lens[1:]) and len(packed) == 3
+    torch.testing.assert_close(packed[1:2].features, features[1, : lens[1]])
 
 
 def test_local_folder_instead_of_a_model_id(hub_cache):
@@ -113,8 +113,8 @@ def test_left_pad_moves_real_rows_to_the_end():
     padded, flipped = left_pad(features, mask)
     assert padded.squeeze(-1).tolist() == [[0, 1, 2, 3], [0, 0, 0, 5]]
     assert flipped.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
-    packed = pack_text(features, mask)
-    assert packed.kv_compact.squeeze(-1).tolist() == [1, 2, 3, 5] and packed.cu_seqlens.tolist() == [0, 3, 4]
+    packed = PackedText.from_padded(features, mask)
+    assert packed.features.squeeze(-1).tolist() == [1, 2, 3, 5] and packed.lens == (3, 1)
 
 
 @pytest.mark.parametrize("caption, cleaned", [  # outputs of the official cleaning (applied twice)

@@ -25,6 +25,9 @@ from torch import nn
 
 from var.argtypes import integer
 from var.models.ar import ARConfig, RasterAR
+from var.models.family import ScaleSchedule
+from var.models.infinity import INFINITY_SIZES, Infinity, InfinityConfig, PackedText
+from var.models.infinity_schedules import parse_aspect, schedule_for
 from var.models.var import VARConfig, build_var
 from var.sample.arguments import SETTINGS, settings_from_args
 from var.sample.logits import SamplingSettings
@@ -38,6 +41,7 @@ from var.sample.registry import (
     option_users,
     sampler_options,
 )
+from var.tokenizers.bsq import BSQConfig, BSQTokenizer
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import atomic_write_text, autocast, compile_for_sampling, resolve_device
 
@@ -85,14 +89,55 @@ def build_models(depth: int, tiny: bool, device: torch.device, raster: bool = Fa
     return model.eval().requires_grad_(False), vqvae.eval().requires_grad_(False)
 
 
+TINY_INFINITY = dict(depth=2, width=64, num_heads=4, bits_per_token=4, text_channels=16, text_pool_heads=4,
+                     text_maxlen=32)
+TINY_BSQ = dict(codebook_dim=4, base_ch=24, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), num_res_blocks=1,
+                patch_size=2)
+PROMPT_TOKENS = 32  # T5 tokens of each random bench prompt
+
+
+def build_infinity_models(size: str, tiny: bool, device: torch.device, h_div_w: float, level: str
+                          ) -> tuple[Infinity, BSQTokenizer, int]:
+    """A random-weight Infinity of a named size (tiny: 2 blocks) on the schedule, its BSQ tokenizer, and the
+    parameter count of the official size (counted on the meta device, as spec_infinity.md states them)."""
+    official = InfinityConfig(**INFINITY_SIZES[size])
+    with torch.device("meta"):
+        params = Infinity(official).num_params()
+    config = InfinityConfig(**TINY_INFINITY) if tiny else official
+    bits = config.bits_per_token
+    patchify = not tiny and bits == 56  # the 8B reads 2 x 2 patches of 14-bit codes (stride-8 tokenizer)
+    bsq_config = BSQConfig(**TINY_BSQ) if tiny else BSQConfig(codebook_dim=bits // 4 if patchify else bits,
+                                                              patch_size=8 if patchify else 16,
+                                                              spatial_patchify=patchify)
+    with torch.device(device):
+        model, tokenizer = Infinity(config), BSQTokenizer(bsq_config)
+    model.init_weights()
+    schedule = schedule_for(h_div_w, level)
+    if tiny:  # a short prefix of the template keeps a CPU smoke run fast
+        schedule = ScaleSchedule(schedule.shapes[:4], schedule.template)
+    model.use_schedule(schedule)
+    return model.eval().requires_grad_(False), tokenizer.eval().requires_grad_(False), params
+
+
+def random_prompts(model: Infinity, batch_size: int, device: torch.device) -> PackedText:
+    """Random T5 features of ``batch_size`` prompts of PROMPT_TOKENS tokens each (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(batch_size * PROMPT_TOKENS, model.config.text_channels, generator=generator)
+    return PackedText(features.to(device), (PROMPT_TOKENS,) * batch_size)
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
 
 
 def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.device, dtype: str,
                   warmup: int, runs: int, decode: bool) -> dict:
-    """Time one sampler at one batch size; returns a result row (or an error row on OOM)."""
-    labels = torch.arange(batch_size, device=device) % num_classes
+    """Time one sampler at one batch size; returns a result row (or an error row on OOM).  Infinity samples
+    random prompts (``num_classes`` is ignored there)."""
+    if isinstance(sampler.model, Infinity):
+        labels = random_prompts(sampler.model, batch_size, device)
+    else:
+        labels = torch.arange(batch_size, device=device) % num_classes
     stats = {}
 
     def run_once():
@@ -293,7 +338,7 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
         sampler = build_sampler(name, model, vqvae, settings, **sampler_arguments(chosen, args, device))
         recorded = recorded_settings(sampler, chosen)
         for batch_size in args.batch_sizes:
-            row = bench_sampler(sampler, batch_size, model.num_classes, device, args.dtype,
+            row = bench_sampler(sampler, batch_size, getattr(model, "num_classes", 0), device, args.dtype,
                                 args.warmup, args.runs, not args.no_decode)
             row = {"sampler": name, **labels, **recorded, **row}
             rows.append(row)
@@ -328,6 +373,16 @@ def run(args: argparse.Namespace) -> dict:
             names = [text for text in args.samplers if (model_name_for(parse_sampler_spec(text)[0]) == "ar") == raster]
             if names:
                 rows += bench_depth(depth, raster, names, args, settings, device)
+    for size in args.infinity or []:
+        # next-scale samplers without a model-valued option (a random CoDe refiner is a VAR)
+        names = [text for text in args.samplers if model_name_for(parse_sampler_spec(text)[0]) != "ar"
+                 and not any(spec.model for spec in sampler_options(parse_sampler_spec(text)[0]).values())]
+        model, tokenizer, params = build_infinity_models(size, args.tiny, device, parse_aspect(args.aspect),
+                                                         args.resolution)
+        rows += bench_samplers(model, tokenizer, names, args, settings, device, depth=size, params=params)
+        del model, tokenizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     report = {
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -360,6 +415,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"samplers ({', '.join(SAMPLER_NAMES)}), each optionally with its own options, e.g. "
                         "scalekv:kv_budget=0.2; 'code' gets a random refiner of --refiner-depth; 'ar'/'sjd' run a "
                         "raster AR baseline of the same depth (d16: ~300M parameters)")
+    parser.add_argument("--infinity", nargs="+", choices=list(INFINITY_SIZES), metavar="SIZE",
+                        help=f"also bench random-weight Infinity models ({', '.join(INFINITY_SIZES)}; --tiny: a tiny "
+                             "one per name) on random prompts, with the next-scale samplers of --samplers")
+    parser.add_argument("--resolution", default="1M", help="Infinity schedule level (0.06M .. 1M or 256 .. 1024)")
+    parser.add_argument("--aspect", default="1:1", help="Infinity aspect ratio W:H")
     parser.add_argument("--warmup", type=integer(0), default=1)
     parser.add_argument("--runs", type=integer(1), default=3)
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the timing")

@@ -346,14 +346,15 @@ def cache_report(name: str, hub_cache: str | os.PathLike | None = None) -> list[
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# loading (VAR and CoDe today).  The one place that turns resolved files into models: re-point it to the model
-# loader (var.loading) when that lands; LlamaGen and Infinity entries resolve their files but have no loader here yet.
+# loading: pairs of VAR, CoDe and Infinity (var.loading tells the family by the transformer's keys), single
+# components of VAR and CoDe; LlamaGen entries resolve their files but have no loader here yet.
 VAR_FAMILIES = ("var", "code")
+PAIR_FAMILIES = (*VAR_FAMILIES, "infinity")
 
 
-def _var_family(name: str) -> Release:
+def _var_family(name: str, families: tuple[str, ...] = VAR_FAMILIES) -> Release:
     entry = release(name)
-    if entry.family not in VAR_FAMILIES:
+    if entry.family not in families:
         raise ValueError(f"{name}: its files resolve (var.hub.resolve) but no {entry.family} loader is hooked up yet")
     return entry
 
@@ -376,6 +377,6 @@ def load_pair(name: str, device: str = "cpu"):
     "refiner")``), every file resolved and checked before either model is built."""
     from var.loading import load_pair as load_files
 
-    _var_family(name)
-    paths = resolve(name, roles=["tokenizer", "transformer"])
+    _var_family(name, PAIR_FAMILIES)
+    paths = resolve(name, roles=["tokenizer", "transformer"])  # Infinity-8B: the folder of its shards
     return load_files(vae=paths["tokenizer"], var=paths["transformer"], device=device)

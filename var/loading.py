@@ -6,7 +6,9 @@ Accepted sources:
   ``ar.json/.safetensors`` for the raster AR baseline; pick it with ``var_name="ar"``), what training
   writes into every checkpoint directory;
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
-* the official ``.pth`` files (or state dicts), given as ``vae=`` and ``var=`` (:func:`load_official`).
+* the official ``.pth`` files (or state dicts), given as ``vae=`` and ``var=`` (:func:`load_official`): VAR's
+  VQ-VAE + VAR, or Infinity's BSQ tokenizer + Infinity transformer (a ``.pth``/``.safetensors`` file or a
+  folder of shards), the family told by the transformer's keys (:func:`is_infinity_state`).
 
 One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) comes from
 :func:`load_one`, from either kind of source.
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae
+from var.infinity_checkpoints import load_official_infinity_pair, read_infinity_file
 from var.models.ar import RasterAR
 from var.models.var import VAR
 from var.tokenizers.vqvae import VQVAE
@@ -74,10 +77,22 @@ def load_pair(
         model = load_model(bundle, var_name)
         check_pair(vqvae, model, force_tokenizer)
     elif vae is not None and var is not None:
-        vqvae, model = load_official(vae, var)
+        # read once, whatever the family (.pth, .safetensors or a folder of shards); a missing path is
+        # reported by the VAR loader
+        state = read_infinity_file(var)[0] if isinstance(var, Mapping) or Path(var).exists() else var
+        if isinstance(state, Mapping) and is_infinity_state(state):
+            vqvae, model = load_official_infinity_pair(vae, state)
+        else:
+            vqvae, model = load_official(vae, state)
     else:
         raise ValueError("pass a checkpoint directory (--ckpt) or both official files (--vae and --var)")
     return vqvae.to(device).eval(), model.to(device).eval()
+
+
+def is_infinity_state(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a transformer state dict is Infinity's (its learned empty text and text norm), not VAR's."""
+    return any(name in state_dict for name in ("cfg_uncond", "null_text")) and any(
+        name.startswith(("text_norm.", "text_proj")) for name in state_dict)
 
 
 def load_official(

@@ -11,8 +11,8 @@ Two flavours of the same encoder:
   caption's real tokens moved to the end, the mask flipped and padding rows zeroed (:func:`left_pad`).
   The official script runs T5 in bfloat16 (our default).
 * Infinity (:meth:`T5TextEncoder.encode_infinity`): the raw prompt, 512 tokens, float16 encoder, the real rows
-  of every prompt packed into one (sum L_i, 2048) tensor with their lengths and cumulative offsets
-  (:class:`PackedText`).
+  of every prompt packed into one (sum L_i, 2048) tensor with their lengths
+  (:class:`~var.models.infinity.PackedText`, what the Infinity model and samplers take).
 
 Features are returned in float32 (an exact copy of the encoder's bf16/fp16 output).
 """
@@ -25,12 +25,12 @@ import re
 import unicodedata
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from var.models.infinity import PackedText
 
 FLAN_T5_XL = "google/flan-t5-xl"
 LLAMAGEN_MAX_LENGTH = 120
@@ -151,29 +151,6 @@ def left_pad(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return shifted * flipped.unsqueeze(-1).to(shifted.dtype), flipped
 
 
-@dataclass
-class PackedText:
-    """Variable-length prompts packed for Infinity: rows of prompt i are kv_compact[cu_seqlens[i]:cu_seqlens[i+1]]."""
-
-    kv_compact: torch.Tensor  # (sum of lens, D) float32
-    lens: list[int]  # real tokens per prompt (the attention-mask sums, EOS included)
-    cu_seqlens: torch.Tensor  # (B + 1,) int32: 0, then the cumulative lens
-    max_len: int
-
-    def as_tuple(self) -> tuple[torch.Tensor, list[int], torch.Tensor, int]:
-        """(kv_compact, lens, cu_seqlens, max_len): the official ``text_cond_tuple``."""
-        return self.kv_compact, self.lens, self.cu_seqlens, self.max_len
-
-
-def pack_text(features: torch.Tensor, mask: torch.Tensor) -> PackedText:
-    """Pack the first len_i = mask[i].sum() rows of every prompt of right-padded features (B, T, D)."""
-    lens_tensor = mask.sum(dim=-1)
-    lens = lens_tensor.tolist()
-    kv_compact = torch.cat([rows[:n] for rows, n in zip(features.unbind(0), lens, strict=True)])
-    cu_seqlens = F.pad(lens_tensor.to(torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-    return PackedText(kv_compact, lens, cu_seqlens, max(lens))
-
-
 # --------------------------------------------------------------------------------------------------
 # the encoder
 _WEIGHT_FILES = (
@@ -276,4 +253,4 @@ class T5TextEncoder:
 
     def encode_infinity(self, prompts: Sequence[str], max_length: int = INFINITY_MAX_LENGTH) -> PackedText:
         """Infinity text conditions: the raw prompts, 512 tokens, packed (:class:`PackedText`)."""
-        return pack_text(*self.encode(prompts, max_length))
+        return PackedText.from_padded(*self.encode(prompts, max_length))

@@ -36,6 +36,7 @@ and returns what the queries attend to, then ``cache.after_attention(layer, q, k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -46,9 +47,18 @@ Condition = Any  # the embedded rows a transformer runs on (opaque to samplers)
 
 @dataclass(frozen=True)
 class ScaleSchedule:
-    """The token grid of every scale, coarse to fine: ``shapes[si] = (h, w)``."""
+    """The token grid of every scale, coarse to fine: ``shapes[si] = (h, w)``.
+
+    ``template`` is set for Infinity schedules: the aspect-ratio key h / w of the official dynamic-resolution
+    table the grids come from, which fixes the 2-D RoPE grid every scale is placed on (helpers in
+    var/models/infinity_schedules.py: ``rope_grid``, ``image_size``, ``level_of``).  VAR's are square, no template.
+    """
 
     shapes: tuple[tuple[int, int], ...]
+    template: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple((int(h), int(w)) for h, w in self.shapes))
 
     @classmethod
     def square(cls, sides) -> ScaleSchedule:
@@ -71,11 +81,12 @@ class ScaleSchedule:
     @property
     def bounds(self) -> list[tuple[int, int]]:
         """(begin, end) token range of every scale in the whole sequence."""
-        bounds, begin = [], 0
-        for count in self.tokens:
-            bounds.append((begin, begin + count))
-            begin += count
-        return bounds
+        ends = list(accumulate(self.tokens))
+        return list(zip([0] + ends[:-1], ends, strict=True))
+
+    @property
+    def is_square(self) -> bool:
+        return all(h == w for h, w in self.shapes)
 
 
 @runtime_checkable
@@ -138,16 +149,20 @@ class ScaleTokenizer(Protocol):
     """A multi-scale tokenizer (VAR's VQ-VAE; Infinity's BSQ-VAE).
 
     One with a codebook may also offer ``soft_scale_features(weights (B, h*w, V), scale)``, the features of
-    soft code mixtures, which VAR's ``more_smooth`` setting feeds to f_hat.
+    soft code mixtures, which VAR's ``more_smooth`` setting feeds to f_hat.  ``schedule`` is the model's
+    (Infinity's tokenizer serves any schedule; VAR's VQ-VAE has its own and ignores it).
     """
 
-    def empty_latent(self, batch: int, device: torch.device | str) -> torch.Tensor:
+    def empty_latent(self, batch: int, device: torch.device | str, schedule: ScaleSchedule | None = None
+                     ) -> torch.Tensor:
         """The latent f_hat before any scale: zeros."""
 
-    def scale_features(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
-        """Features (B, C, h, w) of a scale's draws (B, h * w * draws_per_token)."""
+    def scale_features(self, tokens: torch.Tensor, scale: int, schedule: ScaleSchedule | None = None
+                       ) -> torch.Tensor:
+        """Features (B, C, [1,] h, w) of a scale's draws (B, h * w * draws_per_token)."""
 
-    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor,
+                         schedule: ScaleSchedule | None = None) -> torch.Tensor | None:
         """Add scale ``scale``'s features to f_hat in place; return the input (B, n_next, C_in) of the next
         scale, or None after the last one."""
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from var.models.infinity_schedules import ScaleSchedule, resolve_schedule, rope_positions
+from var.models.family import ScaleSchedule
+from var.models.infinity_schedules import resolve_schedule, rope_positions, schedule_for
 from var.models.kv_cache import KVCache
 from var.models.var import MAX_LOG_TEMPERATURE, AdaLNHead, FeedForward, block_causal_mask
 
@@ -146,14 +147,34 @@ class PackedText:
     def batch_size(self) -> int:
         return len(self.lens)
 
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __getitem__(self, rows: slice) -> PackedText:
+        """The prompts of a slice of the batch (samplers take prompts in batches)."""
+        if not isinstance(rows, slice):
+            raise TypeError("index a PackedText with a slice of prompts")
+        ends = torch.tensor(self.lens).cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        chosen = range(len(self.lens))[rows]
+        if not chosen:
+            return PackedText(self.features[:0], ())  # raises: an empty batch has no prompt
+        return PackedText(torch.cat([self.features[starts[i]: ends[i]] for i in chosen]),
+                          tuple(self.lens[i] for i in chosen))
+
     def cat(self, other: PackedText) -> PackedText:
         """This batch followed by ``other`` (e.g. the unconditional half of a guidance batch)."""
         return PackedText(torch.cat((self.features, other.features)), self.lens + other.lens)
 
 
 def pad_packed(packed: torch.Tensor, lens: Sequence[int]) -> torch.Tensor:
-    """(sum(lens), ...) -> (len(lens), max(lens), ...) with zero rows after each sequence."""
-    return nn.utils.rnn.pad_sequence(list(packed.split(list(lens))), batch_first=True)
+    """(sum(lens), ...) -> (len(lens), max(lens), ...) with zero rows after each sequence (one scatter, no
+    per-sequence split: batches of thousands of prompts stay fast)."""
+    lengths = torch.tensor(list(lens), device=packed.device)
+    present = torch.arange(int(lengths.max()), device=packed.device) < lengths[:, None]  # (R, max(lens))
+    padded = packed.new_zeros(len(lengths), present.shape[1], *packed.shape[1:])
+    padded[present] = packed
+    return padded
 
 
 @dataclass
@@ -171,6 +192,10 @@ class InfinityCondition:
     memory_mask: torch.Tensor  # (R, max(lens)) bool: which padded text positions are the row's own tokens
     modulation: torch.Tensor  # (R, 1, 6, C): the shared AdaLN output every block adds its offset to
     batch_size: int  # B, the conditional rows
+    # CFG on hidden states (official cfg_insertion_layer k < 0): after block ``mix_layer`` the rows become
+    # w_s * cond + (1 - w_s) * uncond, w_s = ``mix_weights[s]`` for a token of scale s (1: left alone)
+    mix_layer: int | None = None
+    mix_weights: tuple[float, ...] = ()
     _cross_kv: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -180,6 +205,15 @@ class InfinityCondition:
     @property
     def guided(self) -> bool:
         return self.rows == 2 * self.batch_size
+
+    def mix_hidden(self, layer: int, x: torch.Tensor, scale_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden-state guidance after block ``layer`` for tokens of scales ``scale_ids`` (n,); x (R, n, C)."""
+        if layer != self.mix_layer or not self.guided:
+            return x
+        weights = x.new_tensor(self.mix_weights)[scale_ids].view(1, -1, 1)  # (1, n, 1)
+        batch = self.batch_size
+        mixed = torch.where(weights != 1, weights * x[:batch] + (1 - weights) * x[batch:], x[:batch])
+        return torch.cat((mixed, torch.where(weights != 1, mixed, x[batch:])))
 
     def cross_keys_values(self, layer: int, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (R, heads, max(lens), head_dim) of block ``layer``'s cross-attention, cached."""
@@ -262,7 +296,11 @@ class SelfAttention(nn.Module):
             cached = torch.full((k.shape[2] - length,), -1, device=x.device, dtype=pass_scales.dtype)
             mask = block_causal_mask(pass_scales, torch.cat((cached, pass_scales)))
         out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, scale=1.0)
-        if cache is not None:  # the queries and keys exactly as the softmax saw them (normalised, rotated)
+        if cache is not None:  # the queries and keys exactly as the softmax saw them (normalised, rotated), or
+            # the raw projection x W_q (no bias, norm, temperature or RoPE) a cache scoring as the released
+            # ScaleKV does asks for
+            if getattr(cache, "raw_queries", False):
+                q = F.linear(x, self.qkv.weight[:width]).view(rows, length, self.num_heads, -1).transpose(1, 2)
             cache.after_attention(layer, q, k)
         return self.proj(out.transpose(1, 2).reshape(rows, length, width))
 
@@ -363,7 +401,14 @@ class Infinity(nn.Module):
     Inputs of scales 1.. are the tokenizer's next-scale features (B, h*w, d) embedded by ``word_embed``;
     scale 0 is the start token ``pooled + pos_start``.  ``null_text`` is the learned empty prompt
     (``cfg_uncond``): the unconditional half of guidance uses its first len_i rows for prompt i.
+
+    It is a :class:`~var.models.family.ScaleModel`: conditions are prompts (:class:`PackedText` T5 features),
+    a token is ``bits_per_token`` two-way draws, and ``schedule`` (default: square 1M, 1024 px) is the one
+    samplers decode, chosen with :meth:`use_schedule` (schedules are not part of the weights).
     """
+
+    sampling_rule = "infinity"
+    raw_query_scoring = True  # attention hands a cache with ``raw_queries`` x W_q (ScaleKV's released scoring)
 
     def __init__(self, cfg: InfinityConfig | None = None, **overrides):
         super().__init__()
@@ -396,6 +441,53 @@ class Infinity(nn.Module):
         self.head_norm = AdaLNHead(width, 2 * cfg.bits_per_token, cfg.norm_eps)
         self.head = nn.Linear(width, 2 * cfg.bits_per_token)
         self._rope: dict[tuple[ScaleSchedule, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.schedule = schedule_for(1.0, "1M")
+
+    # -- the scale-model protocol (var/models/family.py) -----------------------------------------------------
+    def use_schedule(self, schedule: ScaleSchedule | Sequence[Sequence[int]]) -> Infinity:
+        """Decode ``schedule`` (an official one, or a prefix of a template) from now on; returns the model."""
+        schedule = resolve_schedule(schedule)
+        if schedule.num_scales > self.config.num_levels:
+            raise ValueError(f"the schedule has {schedule.num_scales} scales but the level embedding has "
+                             f"{self.config.num_levels} rows")
+        self.schedule = schedule
+        return self
+
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    @property
+    def vocab_size(self) -> int:
+        return 2  # one bit
+
+    @property
+    def draws_per_token(self) -> int:
+        return self.config.bits_per_token
+
+    def resolve_conditions(self, conditions, batch_size: int | None = None,
+                           generator: torch.Generator | None = None) -> PackedText:
+        """Prompts as T5 features (:class:`PackedText` or the official tuple) on the model's device."""
+        if conditions is None:
+            raise ValueError("Infinity is text-to-image: give prompts (var sample --prompt 'a cat'), or T5 features "
+                             "as a PackedText")
+        text = PackedText.coerce(conditions)
+        if batch_size is not None and batch_size != text.batch_size:
+            raise ValueError(f"batch_size {batch_size} but {text.batch_size} prompts were given")
+        device = self.null_text.device
+        return PackedText(text.features.to(device), text.lens)
+
+    def condition_batch_size(self, conditions: PackedText) -> int:
+        return conditions.batch_size
+
+    def check_tokenizer(self, tokenizer) -> None:
+        bits = getattr(tokenizer, "bits_per_token", None)
+        if bits != self.config.bits_per_token:
+            raise ValueError(
+                f"this Infinity reads {self.config.bits_per_token}-bit tokens but the tokenizer "
+                f"({type(tokenizer).__name__}) gives {bits}: pair it with its own BSQ tokenizer (Infinity-8B: the "
+                "stride-8 tokenizer with spatial patchify)"
+            )
 
     @torch.no_grad()
     def init_weights(
@@ -501,7 +593,7 @@ class Infinity(nn.Module):
                     f"{self.config.num_levels} rows"
                 )
             cos, sin = rope_angles(self.config.head_dim, rope_positions(schedule))
-            scale_ids = torch.cat([torch.full((n,), si) for si, n in enumerate(schedule.tokens_per_scale)])
+            scale_ids = torch.cat([torch.full((n,), si) for si, n in enumerate(schedule.tokens)])
             self._rope[key] = (cos.to(device), sin.to(device), scale_ids.to(device))
         return self._rope[key]
 
@@ -529,7 +621,7 @@ class Infinity(nn.Module):
                 inputs = inputs.repeat(rows // inputs.shape[0], 1, 1)
             parts.append(self.word_embed(inputs.float()))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        begin, end = schedule.scale_bounds[first][0], schedule.scale_bounds[last][1]
+        begin, end = schedule.bounds[first][0], schedule.bounds[last][1]
         if x.shape[1] != end - begin:
             raise ValueError(
                 f"scales {first}..{last} have {end - begin} tokens but {x.shape[1]} were given "
@@ -541,41 +633,48 @@ class Infinity(nn.Module):
     def forward_scales(
         self,
         cond: InfinityCondition,
-        inputs: torch.Tensor | None,
-        schedule: ScaleSchedule | Sequence[Sequence[int]],
         first: int,
         last: int | None = None,
+        inputs: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        schedule: ScaleSchedule | Sequence[Sequence[int]] | None = None,
         after_layer: AfterLayer | None = None,
     ) -> torch.Tensor:
-        """One pass over scales first..last (default: first alone) on top of the cached scales < first.
+        """One pass over scales first..last (default: first alone) of ``schedule`` (default: the model's) on
+        top of the cached scales < first.
 
         Tokens attend block-causally inside the pass and to everything in ``cache`` (whose keys/values the
         pass appends; the caller announces the pass with ``cache.begin_pass``).  RoPE uses the positions of
         these scales in the schedule, so a cached pass equals the matching slice of a full pass.
-        ``after_layer(layer, x)`` may replace the hidden state after each block (CFG at a layer).
+        After each block the condition's hidden-state guidance applies (:meth:`InfinityCondition.mix_hidden`),
+        then ``after_layer(layer, x)``, which may replace the hidden state (tests, probes).
         Returns hidden states (R, n_first + ... + n_last, C).
         """
-        schedule = resolve_schedule(schedule)
+        schedule = self.schedule if schedule is None else resolve_schedule(schedule)
         last = first if last is None else last
         if not 0 <= first <= last < schedule.num_scales:
             raise ValueError(f"scales {first}..{last} are outside the {schedule.num_scales}-scale schedule")
         x = self.input_tokens(cond, inputs, schedule, first, last)
         cos, sin, scale_ids = self.rope_for(schedule, x.device)
-        begin, end = schedule.scale_bounds[first][0], schedule.scale_bounds[last][1]
+        begin, end = schedule.bounds[first][0], schedule.bounds[last][1]
         rope = (cos[begin:end], sin[begin:end])
         pass_scales = scale_ids[begin:end] if last > first else None
         for layer, block in enumerate(self.blocks):
             x = block(x, cond, layer, rope, pass_scales, cache)
+            x = cond.mix_hidden(layer, x, scale_ids[begin:end])
             if after_layer is not None:
                 x = after_layer(layer, x)
         return x
 
-    def logits(self, hidden: torch.Tensor, cond: InfinityCondition) -> torch.Tensor:
-        """Bit logits (rows, n, 2d) in float32; rows may be the first B of the condition (guided hidden)."""
+    def head_logits(self, hidden: torch.Tensor, cond: InfinityCondition) -> torch.Tensor:
+        """Head output (rows, n, 2d) in float32; rows may be the first B of the condition (guided hidden)."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             pooled = cond.pooled[: hidden.shape[0]].float()
             return self.head(self.head_norm(hidden.float(), pooled)).float()
+
+    def logits(self, hidden: torch.Tensor, cond: InfinityCondition) -> torch.Tensor:
+        """Bit logits (rows, n * d, 2): the protocol's draws (:func:`bit_logits` of :meth:`head_logits`)."""
+        return bit_logits(self.head_logits(hidden, cond))
 
     def forward(
         self,
@@ -590,8 +689,8 @@ class Infinity(nn.Module):
         """
         schedule = resolve_schedule(schedule)
         cond = self.condition(self.drop_text(PackedText.coerce(text)))
-        hidden = self.forward_scales(cond, inputs, schedule, 0, schedule.num_scales - 1)
-        return self.logits(hidden, cond)
+        hidden = self.forward_scales(cond, 0, schedule.num_scales - 1, inputs, schedule=schedule)
+        return self.head_logits(hidden, cond)
 
 
 def bit_logits(logits: torch.Tensor) -> torch.Tensor:

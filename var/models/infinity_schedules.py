@@ -8,17 +8,18 @@ and their inverses), each with 13 grids, and four resolution levels that are pre
 
 The transformer needs more than the grids: its 2-D RoPE places every scale on the last grid of the
 template's ``1M`` level (U_h x U_w, e.g. 64 x 64 for ratio 1.0 or 54 x 72 for 0.75), whatever level is
-generated.  A :class:`ScaleSchedule` therefore carries its template ratio; :func:`resolve_schedule` turns a
-plain list of grids back into one (and refuses grids that are not in the table, with the valid choices).
+generated.  A :class:`~var.models.family.ScaleSchedule` therefore carries its template ratio (``template``);
+:func:`resolve_schedule` turns a plain list of grids back into one (and refuses grids that are not in the
+table, with the valid choices).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
+
+from var.models.family import ScaleSchedule
 
 # pixels per token of the last grid (the BSQ tokenizer's stride; 8 x 2 with spatial patchify)
 PIXELS_PER_TOKEN = 16
@@ -60,53 +61,34 @@ LEVELS: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}  # lev
 LEVEL_BY_SIDE: dict[int, str] = {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}  # square image side
 
 
-@dataclass(frozen=True)
-class ScaleSchedule:
-    """A schedule of token grids and the template it comes from (which fixes its RoPE grid)."""
+def rope_grid(schedule: ScaleSchedule) -> tuple[int, int]:
+    """(U_h, U_w): the last grid of the template's 1M level, on which every scale is placed."""
+    return TEMPLATES[_template_of(schedule)][-1]
 
-    ratio: float  # template key h / w, one of TEMPLATES
-    grids: tuple[tuple[int, int], ...]  # (h, w) per scale, coarse to fine
 
-    @property
-    def num_scales(self) -> int:
-        return len(self.grids)
+def image_size(schedule: ScaleSchedule) -> tuple[int, int]:
+    """(height, width) in pixels."""
+    h, w = schedule.shapes[-1]
+    return h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN
 
-    @property
-    def tokens_per_scale(self) -> list[int]:
-        return [h * w for h, w in self.grids]
 
-    @property
-    def seq_len(self) -> int:
-        return sum(self.tokens_per_scale)
+def level_of(schedule: ScaleSchedule) -> str | None:
+    """The named level ('0.06M' ... '1M') a schedule is, or None for another prefix of its template."""
+    for name, count in LEVELS.items():
+        if schedule.shapes == TEMPLATES[_template_of(schedule)][:count]:
+            return name
+    return None
 
-    @property
-    def scale_bounds(self) -> list[tuple[int, int]]:
-        """(begin, end) token range of every scale in the full sequence."""
-        ends = list(accumulate(self.tokens_per_scale))
-        return list(zip([0] + ends[:-1], ends, strict=True))
 
-    @property
-    def rope_grid(self) -> tuple[int, int]:
-        """(U_h, U_w): the last grid of the template's 1M level, on which every scale is placed."""
-        return TEMPLATES[self.ratio][-1]
+def official_grids(schedule: ScaleSchedule) -> list[tuple[int, int, int]]:
+    """The official spelling: a list of (t=1, h, w)."""
+    return [(1, h, w) for h, w in schedule.shapes]
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width) in pixels."""
-        h, w = self.grids[-1]
-        return h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN
 
-    @property
-    def level(self) -> str | None:
-        """The named level ('0.06M' ... '1M') this schedule is, or None for another prefix of the template."""
-        for name, count in LEVELS.items():
-            if self.grids == TEMPLATES[self.ratio][:count]:
-                return name
-        return None
-
-    def official(self) -> list[tuple[int, int, int]]:
-        """The official spelling: a list of (t=1, h, w)."""
-        return [(1, h, w) for h, w in self.grids]
+def _template_of(schedule: ScaleSchedule) -> float:
+    if schedule.template is None:
+        raise ValueError("this schedule has no Infinity template ratio; build it with schedule_for(h_div_w, level)")
+    return schedule.template
 
 
 def nearest_template(h_div_w: float) -> float:
@@ -149,7 +131,7 @@ def parse_aspect(aspect: str | float) -> float:
 def schedule_for(h_div_w: float = 1.0, level: str | int = "1M") -> ScaleSchedule:
     """The official schedule of the template nearest to ``h_div_w`` at a resolution level."""
     ratio = nearest_template(h_div_w)
-    return ScaleSchedule(ratio, TEMPLATES[ratio][: LEVELS[parse_level(level)]])
+    return ScaleSchedule(TEMPLATES[ratio][: LEVELS[parse_level(level)]], ratio)
 
 
 def resolve_schedule(schedule: ScaleSchedule | Sequence[Sequence[int]]) -> ScaleSchedule:
@@ -157,9 +139,11 @@ def resolve_schedule(schedule: ScaleSchedule | Sequence[Sequence[int]]) -> Scale
 
     A plain list must be one of the table's named levels (the official code looks the RoPE table up by the
     exact list, and a list does not say its template otherwise).  Any prefix of a template works when passed
-    as ``ScaleSchedule(ratio, grids)``.
+    as ``ScaleSchedule(grids, template=ratio)``.
     """
     if isinstance(schedule, ScaleSchedule):
+        if schedule.template is None:  # a plain list of grids in a ScaleSchedule: look its template up
+            return resolve_schedule(schedule.shapes)
         _check_prefix(schedule)
         return schedule
     grids = []
@@ -175,20 +159,22 @@ def resolve_schedule(schedule: ScaleSchedule | Sequence[Sequence[int]]) -> Scale
     grids = tuple(grids)
     for ratio, template in TEMPLATES.items():
         if grids in (template[:count] for count in LEVELS.values()):
-            return ScaleSchedule(ratio, grids)
+            return ScaleSchedule(grids, ratio)
     raise ValueError(
         f"scale schedule ending at {grids[-1] if grids else None} with {len(grids)} scales is not an official "
         "Infinity schedule; build one with schedule_for(h_div_w, level) (levels: "
-        f"{', '.join(LEVELS)}), or pass ScaleSchedule(template_ratio, grids) for a prefix of a template"
+        f"{', '.join(LEVELS)}), or pass ScaleSchedule(grids, template_ratio) for a prefix of a template"
     )
 
 
 def _check_prefix(schedule: ScaleSchedule) -> None:
-    template = TEMPLATES.get(schedule.ratio)
+    template = TEMPLATES.get(schedule.template)
     if template is None:
-        raise ValueError(f"{schedule.ratio} is not a template ratio; choose one of {', '.join(map(str, TEMPLATES))}")
-    if not schedule.grids or schedule.grids != template[: len(schedule.grids)]:
-        raise ValueError(f"grids {schedule.grids} are not a prefix of the {schedule.ratio} template {template}")
+        raise ValueError(
+            f"{schedule.template} is not a template ratio; choose one of {', '.join(map(str, TEMPLATES))}"
+        )
+    if not schedule.shapes or schedule.shapes != template[: len(schedule.shapes)]:
+        raise ValueError(f"grids {schedule.shapes} are not a prefix of the {schedule.template} template {template}")
 
 
 def rope_positions(schedule: ScaleSchedule) -> torch.Tensor:
@@ -198,9 +184,9 @@ def rope_positions(schedule: ScaleSchedule) -> torch.Tensor:
     computed in float32 and rounded half to even, exactly as the official table is built (3 * 54 / 4 = 40.5
     goes to 40), so every scale lands on one common grid.
     """
-    rows_total, cols_total = schedule.rope_grid
+    rows_total, cols_total = rope_grid(schedule)
     positions = []
-    for h, w in schedule.grids:
+    for h, w in schedule.shapes:
         rows = (torch.arange(h) * (rows_total / h)).round().long()
         cols = (torch.arange(w) * (cols_total / w)).round().long()
         positions.append(torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2))

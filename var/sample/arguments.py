@@ -7,6 +7,7 @@ option appears once, with one meaning, and its help names the samplers that take
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -15,9 +16,12 @@ from var.checkpoints import check_pair
 from var.hub import load_pair as load_release
 from var.hub import release, resolve
 from var.loading import load_one, load_pair
+from var.models.infinity import Infinity
+from var.models.infinity_schedules import parse_aspect, schedule_for
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
+from var.text import FLAN_T5_XL
 from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
@@ -31,8 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "cached): its files from the Hugging Face cache (downloaded and checked if missing) and "
                             "its authors' sampling settings for every setting not given")
     group.add_argument("--ckpt", help="checkpoint or run directory (written by 'var train')")
-    group.add_argument("--vae", help="official VQ-VAE .pth (with --var)")
-    group.add_argument("--var", help="official VAR .pth (with --vae)")
+    group.add_argument("--vae", help="official tokenizer .pth (with --var): VAR's VQ-VAE or Infinity's BSQ-VAE")
+    group.add_argument("--var", help="official transformer (with --vae): a VAR .pth, or an Infinity .pth / "
+                                     ".safetensors / folder of shards (told apart by its keys)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     group.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")
@@ -85,6 +90,43 @@ def apply_release(args: argparse.Namespace) -> None:
     for setting, value in entry.sampling.items():
         if setting in SETTINGS and getattr(args, setting, None) is None:
             setattr(args, setting, [value] if SETTINGS[setting].per_scale else value)
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, exclusive) -> None:
+    """Text-to-image flags (Infinity): the prompts (in ``exclusive``, beside the class-label flags), the T5
+    encoder and the schedule."""
+    exclusive.add_argument("--prompt", nargs="+", help="Infinity: prompts, one image each")
+    exclusive.add_argument("--prompts", help="Infinity: a text file of prompts, one per line")
+    text = parser.add_argument_group("text-to-image (Infinity)")
+    text.add_argument("--text-encoder", default=FLAN_T5_XL,
+                      help="T5 model id in the local Hugging Face cache, or its folder (never downloaded)")
+    text.add_argument("--resolution", default="1M",
+                      help="schedule level: 0.06M, 0.25M, 0.60M, 1M or the square side 256, 512, 768, 1024")
+    text.add_argument("--aspect", default="1:1", help="W:H (16:9 is landscape) or height/width; the nearest "
+                                                      "official template is used")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt / --prompts (None for class-conditional sampling)."""
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SystemExit(f"--prompts {path}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"--prompts {path} holds no prompt")
+        return prompts
+    return args.prompt
+
+
+def use_text_arguments(args: argparse.Namespace, model, prompts: list[str] | None) -> None:
+    """Check that prompts and the model fit, and set an Infinity's schedule from --resolution/--aspect."""
+    if isinstance(model, Infinity):
+        if prompts is None:
+            raise SystemExit("Infinity is text-to-image: give --prompt 'a photo of a cat' or --prompts FILE")
+        model.use_schedule(schedule_for(parse_aspect(args.aspect), args.resolution))
+    elif prompts is not None:
+        raise SystemExit(f"--prompt needs a text-to-image model (Infinity); {type(model).__name__} takes --labels")
 
 
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:

@@ -1,4 +1,5 @@
-"""``var sample``: draw class-conditional samples and save a PNG grid (and optionally an npz).
+"""``var sample``: draw class-conditional (VAR) or text-to-image (Infinity: ``--prompt``) samples and save a PNG
+grid (and optionally an npz).
 
 Its sampling-setting and sampler-option flags come from var/sample/arguments.py (derived from the
 declarations).
@@ -17,13 +18,17 @@ from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    add_text_arguments,
     apply_release,
     load_models,
+    read_prompts,
     sampler_options_from_args,
     settings_from_args,
+    use_text_arguments,
 )
 from var.sample.batches import sample_in_batches
 from var.sample.registry import build_sampler
+from var.text import T5TextEncoder
 from var.utils import atomic_savez, resolve_device, save_grid
 
 
@@ -44,6 +49,7 @@ def add_parser(subparsers) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--labels", type=integer(-1), nargs="+", help="class labels (-1 = unconditional)")
     which.add_argument("--per-class", type=integer(1), help="this many samples of every class, one row per class")
+    add_text_arguments(parser, which)
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
     parser.add_argument("--nrow", type=integer(1), help="images per grid row")
@@ -54,10 +60,17 @@ def run(args: argparse.Namespace) -> None:
     apply_release(args)
     settings = settings_from_args(args)  # checked before any model is loaded
     device = resolve_device(args.device)
+    prompts = read_prompts(args)
+    encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     vqvae, model = load_models(args, device)
+    use_text_arguments(args, model, prompts)
     options = sampler_options_from_args(args, device, tokenizer=vqvae)
     sampler = build_sampler(args.sampler, model, vqvae, settings, **options)
-    if args.labels is not None:
+    if prompts is not None:
+        labels = encoder.encode_infinity(prompts)
+        del encoder  # T5 is not needed while sampling
+        nrow = args.nrow or min(8, len(labels))
+    elif args.labels is not None:
         labels = torch.tensor(args.labels)
         nrow = args.nrow or min(8, len(labels))
     else:
@@ -78,5 +91,6 @@ def run(args: argparse.Namespace) -> None:
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
-        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        conditions = {"prompts": prompts} if prompts is not None else {"labels": labels.numpy()}
+        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), **conditions)
         print(f"wrote {args.npz}")

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from var.models.family import ScaleModel
-from var.models.var import VAR
 from var.sample.base import device_of, kv_stats, now, peak_memory
 from var.sample.logits import SamplingSettings
 from var.sample.options import check_budget, option, parse_budget
@@ -30,18 +29,27 @@ from var.sample.scale import DecodeState, ScaleSampler, VAROptions
 from var.sample.scalekv.budget import KVBudget
 from var.sample.scalekv.cache import policy_from_options
 
+# what a refiner shares with its drafter, when their configs have it (VAR: codebook and classes; Infinity:
+# bits per token and the text encoder's width); width and depth may differ
+SHARED_CONFIG = ("vocab_size", "z_channels", "num_classes", "bits_per_token", "text_channels")
 
-def check_refiner(drafter: VAR, refiner: VAR) -> None:
+
+def check_refiner(drafter: ScaleModel, refiner: ScaleModel) -> None:
     """Raise a ValueError when a refiner cannot continue the drafter's scales (width and depth may differ)."""
+    if type(refiner) is not type(drafter):
+        raise ValueError(f"the refiner is a {type(refiner).__name__} but the drafter a {type(drafter).__name__}: "
+                         "a CoDe refiner must be of the drafter's family")
     problems = []
-    for name in ("vocab_size", "z_channels", "num_classes", "patch_nums"):
-        mine, theirs = getattr(drafter.config, name), getattr(refiner.config, name)  # patch_nums are tuples
+    for name in SHARED_CONFIG:
+        mine, theirs = getattr(drafter.config, name, None), getattr(refiner.config, name, None)
         if mine != theirs:
             problems.append(f"{name} {theirs} (drafter: {mine})")
+    if refiner.schedule.shapes != drafter.schedule.shapes:
+        problems.append(f"scales {refiner.schedule.shapes} (drafter: {drafter.schedule.shapes})")
     if problems:
         raise ValueError(
             "the refiner does not fit the drafter: " + "; ".join(problems)
-            + "; a CoDe refiner must share the drafter's tokenizer, classes and scale schedule"
+            + "; a CoDe refiner must share the drafter's tokenizer, conditions and scale schedule"
         )
 
 
@@ -49,7 +57,7 @@ def check_refiner(drafter: VAR, refiner: VAR) -> None:
 class CoDeOptions(VAROptions):
     """CoDe's drafter/refiner split; the KV options apply to the drafter, ``refiner_kv_budget`` to the refiner."""
 
-    refiner: VAR | None = option(None, "CoDe: the refiner, a bundle/run directory or an official-format .pth",
+    refiner: ScaleModel | None = option(None, "CoDe: the refiner, a bundle/run directory or an official-format .pth",
                                  model="var", metavar="PATH")
     draft_steps: int | None = option(None, "CoDe: scales the drafter decodes (default: all but the last 2)",
                                      type=int, minimum=1)

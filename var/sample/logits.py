@@ -27,7 +27,12 @@ class SamplingSettings:
     Every field is declared once (var/sample/options.py): the command-line flags and sweep keys come from here.
     """
 
-    cfg: float = option(1.5, "classifier-free guidance weight (VAR: at the last scale, ramping from 0)")
+    cfg: float | Sequence[float] = option(1.5, "classifier-free guidance weight t of (1 + t) cond - t uncond (VAR: "
+                                          "at the last scale, ramping from 0; Infinity: official cfg = 1 + t, "
+                                          "one value or one per scale)", type=float, per_scale=True)
+    cfg_layer: int = option(0, "Infinity: where guidance mixes the two halves: 0 on the logits (the released "
+                               "scripts), k < 0 on the hidden state after block depth + k (official "
+                               "cfg_insertion_layer)", type=int, maximum=0)
     top_k: int | Sequence[int] = option(900, "keep the k most likely codes (0: all)", type=int, minimum=0,
                                         per_scale=True)
     top_p: float | Sequence[float] = option(0.96, "keep the most likely codes holding this probability mass "
@@ -42,7 +47,7 @@ class SamplingSettings:
 
     def check(self, num_scales: int) -> None:
         """Per-scale lists must give one value per scale of the model (caught before any sampling)."""
-        for name in ("top_k", "top_p", "temperature"):
+        for name in ("cfg", "top_k", "top_p", "temperature"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) and len(value) != num_scales:
                 raise ValueError(

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from var.sample.logits import SamplingSettings, guidance_weight, guide, target_logits
+from var.sample.logits import SamplingSettings, filter_logits_, guidance_weight, guide, target_logits
 
 
 class TokenRule:
     """Guidance and processing of one family; subclasses override what differs."""
 
     supports_more_smooth = False
+    supports_infinity_guidance = False  # per-scale cfg lists and cfg_layer
 
     def __init__(self, model):
         self.model = model
@@ -34,6 +35,16 @@ class TokenRule:
         """Raise a ValueError for settings this family cannot use."""
         if settings.more_smooth and not self.supports_more_smooth:
             raise ValueError(f"more_smooth applies to VAR's scale features, not to {type(self.model).__name__}")
+        if not self.supports_infinity_guidance:
+            if not isinstance(settings.cfg, (int, float)):
+                raise ValueError(f"cfg must be one value for {type(self.model).__name__} (per-scale cfg lists are "
+                                 "Infinity's)")
+            if settings.cfg_layer != 0:
+                raise ValueError(f"cfg_layer is Infinity's hidden-state guidance; {type(self.model).__name__} "
+                                 "guides its logits (leave it at 0)")
+
+    def prepare(self, cond, model, settings: SamplingSettings) -> None:
+        """Adjust a runner's condition rows before its first pass (Infinity: hidden-state guidance)."""
 
     def guide(self, logits: torch.Tensor, settings: SamplingSettings, step) -> torch.Tensor:
         """Guided logits (B, n, V) from the model's rows (conditional half first)."""
@@ -77,7 +88,55 @@ class RasterARRule(TokenRule):
         return target_logits(guided, settings, 0)
 
 
-RULES: dict[str, type[TokenRule]] = {"var": VARRule, "raster-ar": RasterARRule}
+class InfinityRule(TokenRule):
+    """Infinity's ``autoregressive_infer_cfg`` (spec_infinity.md section 4), exactly.
+
+    ``cfg`` is the VAR-style weight t, the official cfg_s = 1 + t, one value or one per scale; the batch is
+    guided when some cfg_s != 1.  ``temperature`` is the official tau: the logits of both halves are
+    multiplied by 1 / tau_s *before* guidance.  ``cfg_layer`` 0 mixes the logits, cfg_s cond + (1 - cfg_s)
+    uncond; k < 0 mixes the hidden state after block depth + k instead (the condition does it, see
+    :meth:`prepare`) and the conditional rows' logits are used.  Processing: top-k (min(k, 2) per bit: 900 is a
+    no-op, 1 is argmax) then top-p (the weaker bit goes when its probability <= 1 - top_p).
+    """
+
+    supports_infinity_guidance = True
+
+    def weights(self, settings: SamplingSettings) -> list[float]:
+        """The official cfg_s = 1 + t_s of every scale."""
+        num_scales = self.model.schedule.num_scales
+        cfg = settings.cfg
+        return [1.0 + float(cfg)] * num_scales if isinstance(cfg, (int, float)) else [1.0 + float(t) for t in cfg]
+
+    def guided(self, settings: SamplingSettings) -> bool:
+        return any(weight != 1 for weight in self.weights(settings))
+
+    def check(self, settings: SamplingSettings) -> None:
+        super().check(settings)
+        settings.check(self.model.schedule.num_scales)
+        if -settings.cfg_layer > self.model.depth:
+            raise ValueError(f"cfg_layer {settings.cfg_layer} is below block 0 of this {self.model.depth}-block "
+                             f"model: use 0 (logits) or -1..-{self.model.depth}")
+
+    def prepare(self, cond, model, settings: SamplingSettings) -> None:
+        if settings.cfg_layer < 0:
+            cond.mix_layer = model.depth + settings.cfg_layer
+            cond.mix_weights = tuple(self.weights(settings))
+
+    def guide(self, logits: torch.Tensor, settings: SamplingSettings, step: int) -> torch.Tensor:
+        _, _, tau = settings.at(step)
+        weight = self.weights(settings)[step]
+        batch = logits.shape[0] // 2 if self.guided(settings) else logits.shape[0]
+        if settings.cfg_layer < 0 or weight == 1:
+            return logits[:batch] * (1 / tau)
+        scaled = logits * (1 / tau)
+        return weight * scaled[:batch] + (1 - weight) * scaled[batch:]
+
+    def process(self, guided: torch.Tensor, settings: SamplingSettings, step: int) -> torch.Tensor:
+        top_k, top_p, _ = settings.at(step)
+        return filter_logits_(guided.clone(), top_k, top_p)
+
+
+RULES: dict[str, type[TokenRule]] = {"var": VARRule, "raster-ar": RasterARRule, "infinity": InfinityRule}
 
 
 def rule_for(model) -> TokenRule:

@@ -112,7 +112,7 @@ class ScaleRunner:
         features = [self.scale_inputs(state, si) for si in range(first, scale_index + 1)]
         hidden = self.forward_scales(first, scale_index, features, state)
         count = self.model.schedule.tokens[scale_index]
-        return self.model.logits(hidden[:, -count:], self.cond)
+        return self.model.logits(hidden[:, -count:], self.cond)  # (rows, count * draws_per_token, V)
 
 
 class ScaleSampler(BaseSampler):
@@ -125,28 +125,40 @@ class ScaleSampler(BaseSampler):
         return self.model.schedule.num_scales
 
     def start(self, state: SamplingState) -> DecodeState:
-        return DecodeState(**vars(state), f_hat=self.tokenizer.empty_latent(state.batch_size, device_of(self.model)))
+        f_hat = self.tokenizer.empty_latent(state.batch_size, device_of(self.model), schedule=self.model.schedule)
+        return DecodeState(**vars(state), f_hat=f_hat)
 
     def new_runner(self, state: DecodeState, kv_policy: KVPolicy | None = None, model: ScaleModel | None = None,
                    start: int = 0, stop: int | None = None) -> ScaleRunner:
-        return ScaleRunner(model or self.model, state, self.rule.guided(self.settings), kv_policy, start, stop)
+        runner = ScaleRunner(model or self.model, state, self.rule.guided(self.settings), kv_policy, start, stop)
+        self.rule.prepare(runner.cond, runner.model, self.settings)
+        return runner
+
+    def draw_offset(self, scale_index: int) -> int:
+        """Index of a scale's first draw in the whole sequence (the Gumbel noise counter)."""
+        return self.model.schedule.bounds[scale_index][0] * self.model.draws_per_token
+
+    def scale_features(self, tokens: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """The tokenizer's features of a scale's draws (B, draws of the scale)."""
+        return self.tokenizer.scale_features(tokens, scale_index, schedule=self.model.schedule)
 
     def choose_tokens(self, state: DecodeState, scale_index: int, logits: torch.Tensor) -> torch.Tensor:
         """Guide, process and draw the tokens of one scale; returns their features (B, C, h, w)."""
         processed = self.processed_logits(state, scale_index, logits)
-        indices = self.draw(state, processed, self.model.schedule.bounds[scale_index][0])  # (B, n)
+        indices = self.draw(state, processed, self.draw_offset(scale_index))  # (B, draws)
         if self.settings.more_smooth:
             ratio = scale_index / (self.num_scales - 1) if self.num_scales > 1 else 1.0
             features = self.tokenizer.soft_scale_features(gumbel_smooth(processed, ratio, state.generator),
                                                           scale_index)
         else:
-            features = self.tokenizer.scale_features(indices, scale_index)
+            features = self.scale_features(indices, scale_index)
         state.indices.append(indices)
         return features
 
     def advance(self, state: DecodeState, scale_index: int, features: torch.Tensor) -> None:
         """Add a scale's features to f_hat and record the next scale's input."""
-        next_features = self.tokenizer.next_scale_input(scale_index, state.f_hat, features.float())
+        next_features = self.tokenizer.next_scale_input(scale_index, state.f_hat, features.float(),
+                                                        schedule=self.model.schedule)
         if next_features is not None:
             state.features.append(next_features)
 

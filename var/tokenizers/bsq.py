@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from var.models.infinity_schedules import ScaleSchedule
+from var.models.family import ScaleSchedule
 from var.tokenizers.vqvae import Downsample, Upsample
 
 Grids = ScaleSchedule | Sequence[Sequence[int]]
@@ -195,7 +195,7 @@ class BSQEncoding:
 
 
 def _grid_list(schedule: Grids) -> list[tuple[int, int]]:
-    grids = schedule.grids if isinstance(schedule, ScaleSchedule) else schedule
+    grids = schedule.shapes if isinstance(schedule, ScaleSchedule) else schedule
     out = []
     for grid in grids:
         grid = tuple(int(v) for v in grid)
@@ -216,7 +216,7 @@ def trilinear_resize(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class BSQTokenizer(nn.Module):
     """The BSQ autoencoder with its multi-scale quantiser.
 
-    Schedules are :class:`~var.models.infinity_schedules.ScaleSchedule` objects or lists of (h, w) /
+    Schedules are :class:`~var.models.family.ScaleSchedule` objects or lists of (h, w) /
     (1, h, w) grids.  With ``spatial_patchify`` they are the *transformer's* grids (half the tokenizer's).
     Images are (B, 3, H, W) in [-1, 1].
     """
@@ -352,12 +352,8 @@ class BSQTokenizer(nn.Module):
         Returns ``(summed, next_input)``: next_input (B, h'w', bits_per_token) is the trilinear resize of the
         sum to the next scale's grid, the transformer's word input there; None after the last scale.
         """
-        grids = self.latent_grids(schedule)
-        up = trilinear_resize(codes.float(), grids[-1]) if tuple(codes.shape[-2:]) != grids[-1] else codes.float()
-        summed = up if summed is None else summed + up
-        if scale_index + 1 >= len(grids):
-            return summed, None
-        return summed, self._features_to_tokens(trilinear_resize(summed, grids[scale_index + 1]))
+        summed = self.empty_latent(codes.shape[0], codes.device, schedule) if summed is None else summed.clone()
+        return summed, self.next_scale_input(scale_index, summed, codes, schedule)
 
     def codes_from_bits(self, bits: Sequence[torch.Tensor], schedule: Grids) -> torch.Tensor:
         """Summed codes (B, d, 1, H, W) of per-scale bits (any prefix of the schedule's scales)."""
@@ -376,6 +372,32 @@ class BSQTokenizer(nn.Module):
         """Per-scale bits -> (summed codes (B, d, 1, H, W), images in [-1, 1])."""
         summed = self.codes_from_bits(bits, schedule)
         return summed, self.decode(summed)
+
+    # -- the scale-tokenizer protocol (var/models/family.py): what the samplers call ------------------------
+    def empty_latent(self, batch: int, device: torch.device | str, schedule: Grids) -> torch.Tensor:
+        """The summed codes before any scale: zeros (B, d, 1, H, W)."""
+        height, width = self.latent_grids(schedule)[-1]
+        return torch.zeros(batch, self.codebook_dim, 1, height, width, device=device)
+
+    def scale_features(self, tokens: torch.Tensor, scale: int, schedule: Grids) -> torch.Tensor:
+        """Codes (B, d, 1, h, w) of a scale's bits (B, h * w * bits_per_token), row-major (token, bit)."""
+        height, width = _grid_list(schedule)[scale]
+        return self.bits_to_codes(tokens.view(tokens.shape[0], height, width, self.bits_per_token))
+
+    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor,
+                         schedule: Grids) -> torch.Tensor | None:
+        """Add a scale's codes to the summed codes ``f_hat`` (B, d, 1, H, W) in place; the next scale's word
+        input (B, h'w', bits_per_token), the trilinear resize of the sum, or None after the last scale."""
+        grids = self.latent_grids(schedule)
+        codes = features.float()
+        f_hat.add_(trilinear_resize(codes, grids[-1]) if tuple(codes.shape[-2:]) != grids[-1] else codes)
+        if scale + 1 >= len(grids):
+            return None
+        return self._features_to_tokens(trilinear_resize(f_hat, grids[scale + 1]))
+
+    def fhat_to_image(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from the summed codes."""
+        return self.decode(f_hat)
 
     # -- token layout ---------------------------------------------------------------------------------------
     def _features_to_tokens(self, x: torch.Tensor) -> torch.Tensor:

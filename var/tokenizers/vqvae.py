@@ -323,12 +323,13 @@ class VQVAE(PretrainedMixin, nn.Module):
         return self.decoder(self.post_quant_conv(f_hat)), vq_loss, indices
 
     # -- what samplers ask of a tokenizer (var/models/family.py: ScaleTokenizer, RasterTokenizer) ----------
-    def empty_latent(self, batch: int, device: torch.device | str) -> torch.Tensor:
+    # ``schedule`` (the protocol's) is ignored: a VQ-VAE has its own ``patch_nums``
+    def empty_latent(self, batch: int, device: torch.device | str, schedule=None) -> torch.Tensor:
         """f_hat before any scale: zeros (B, Cvae, h, w) in float32."""
         side = self.patch_nums[-1]
         return torch.zeros(batch, self.config.z_channels, side, side, device=device)
 
-    def scale_features(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
+    def scale_features(self, tokens: torch.Tensor, scale: int, schedule=None) -> torch.Tensor:
         """Codebook features (B, Cvae, pn, pn) of a scale's index map (B, pn*pn)."""
         return self.quantize.lookup(tokens, self.patch_nums[scale])
 
@@ -338,7 +339,8 @@ class VQVAE(PretrainedMixin, nn.Module):
         mixture = weights @ self.quantize.embedding.weight  # (B, pn*pn, Cvae)
         return mixture.transpose(1, 2).reshape(weights.shape[0], -1, side, side)
 
-    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    def next_scale_input(self, scale: int, f_hat: torch.Tensor, features: torch.Tensor,
+                         schedule=None) -> torch.Tensor | None:
         """Add a scale's features to f_hat in place; the next scale's input (area-downsampled f_hat) or None."""
         return self.quantize.next_input(scale, f_hat, features)[1]
 

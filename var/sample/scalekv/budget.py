@@ -31,14 +31,21 @@ FORMAT = "var-kv-budget/1"
 WINDOW_SIDE = 4  # a 4x4 grid of observation queries, 16 tokens, as ScaleKV uses
 
 
-def window_offsets(side: int, window_side: int = WINDOW_SIDE) -> list[int]:
-    """Positions, inside a side x side map, of the observation window: the centre token of each cell of a
-    window_side x window_side grid, or the whole map when it is smaller than the grid."""
-    if side < window_side:
-        return list(range(side * side))
-    cell = side // window_side
-    lines = [i * cell + (cell - 1) // 2 for i in range(window_side)]
-    return [row * side + col for row in lines for col in lines]
+def window_offsets(side: int | tuple[int, int], window_side: int = WINDOW_SIDE) -> list[int]:
+    """Positions, inside a side x side (or h x w) map, of the observation window: the centre token of each cell
+    of a window_side x window_side grid, or the whole map when it is smaller than the grid."""
+    height, width = (side, side) if isinstance(side, int) else side
+    if height < window_side or width < window_side:
+        return list(range(height * width))
+    rows = [i * (height // window_side) + (height // window_side - 1) // 2 for i in range(window_side)]
+    cols = [i * (width // window_side) + (width // window_side - 1) // 2 for i in range(window_side)]
+    return [row * width + col for row in rows for col in cols]
+
+
+def scale_key(patch_num: int | Sequence[int]) -> str:
+    """'hxw' of a square side or an (h, w) grid (Infinity's non-square scales)."""
+    height, width = (patch_num, patch_num) if isinstance(patch_num, int) else patch_num
+    return f"{height}x{width}"
 
 
 @dataclass
@@ -161,7 +168,7 @@ class KVBudget:
     def to_dict(self) -> dict:
         scales = {}
         for k, pn in enumerate(self.patch_nums):
-            scales[f"{pn}x{pn}"] = {
+            scales[scale_key(pn)] = {
                 "history_tokens": self.history[k],
                 "drafter_layers": self.drafters[k],
                 "selectivity": self.selectivity[k] if self.selectivity else None,
@@ -182,8 +189,9 @@ class KVBudget:
             raise ValueError(f"{source} is not a KV budget (expected \"format\": \"{FORMAT}\"); write one with "
                              "'var calibrate-kv'")
         try:
-            patch_nums = tuple(int(pn) for pn in data["patch_nums"])
-            scales = [data["scales"][f"{pn}x{pn}"] for pn in patch_nums]
+            patch_nums = tuple(int(pn) if isinstance(pn, int) else tuple(int(v) for v in pn)
+                               for pn in data["patch_nums"])
+            scales = [data["scales"][scale_key(pn)] for pn in patch_nums]
             selectivity = [scale["selectivity"] for scale in scales]
             return cls(
                 patch_nums=patch_nums,

@@ -31,7 +31,41 @@ from var.sample.kv import KVPolicy
 from var.sample.options import SamplerOptions, check_budget, option, parse_budget
 from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget, window_offsets
 
-SCORINGS = ("softmax", "max-pool")
+SCORINGS = ("softmax", "max-pool", "raw")
+
+
+@dataclass(frozen=True)
+class ScheduleShape:
+    """What a KV budget reads of a model's shape (VARConfig's names), for a model with a ScaleSchedule
+    instead of square ``patch_nums`` (Infinity): ``patch_nums`` holds the side of a square scale or (h, w)."""
+
+    patch_nums: tuple
+    depth: int
+    tokens_per_scale: list[int]
+    scale_bounds: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, model) -> ScheduleShape:
+        schedule = model.schedule
+        grids = tuple(h if h == w else (h, w) for h, w in schedule.shapes)
+        return cls(grids, model.depth, schedule.tokens, schedule.bounds)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        return self.scale_bounds[-1][1]
+
+
+def budget_shape(model):
+    """The shape a KV budget is made for: VAR's config, or the schedule view of another scale model."""
+    return model.config if hasattr(model.config, "patch_nums") else ScheduleShape.of(model)
+
+
+def _grid(patch_num: int | tuple[int, int]) -> tuple[int, int]:
+    return (patch_num, patch_num) if isinstance(patch_num, int) else tuple(patch_num)
 
 
 @dataclass
@@ -42,8 +76,9 @@ class KVOptions(SamplerOptions):
         None, "ScaleKV: compress the KV cache to this fraction in (0, 1] (uniform over layers) or to the budget "
               "JSON of 'var calibrate-kv'; default: the full cache", type=parse_budget, check=check_budget,
         metavar="FRACTION|FILE")
-    kv_scoring: str = option("softmax", "ScaleKV: how kept tokens are chosen: softmax (the paper) or max-pool "
-                                        "(the released code)", choices=SCORINGS)
+    kv_scoring: str = option("softmax", "ScaleKV: how kept tokens are chosen: softmax (the paper), max-pool "
+                                        "(the released code) or raw (the released code on Infinity: max-pool "
+                                        "scores of raw x W_q queries)", choices=SCORINGS)
     kv_share_cfg: bool = option(False, "ScaleKV: the unconditional half keeps the tokens the conditional half chose")
     kv_window: int = option(WINDOW_SIDE, "ScaleKV with a fractional budget: side of the observation-window grid "
                                          "(4: 16 tokens; smaller lets small models keep fewer)", minimum=1)
@@ -55,6 +90,9 @@ def policy_from_options(options: KVOptions, model, budget: float | str | KVBudge
     budget = options.kv_budget if budget is None else budget
     if budget is None:
         return KVPolicy()
+    if options.kv_scoring == "raw" and not getattr(model, "raw_query_scoring", False):
+        raise ValueError(f"kv_scoring raw (the released ScaleKV's scoring on Infinity) needs the attention input, "
+                         f"which {type(model).__name__} does not hand to its cache; use softmax or max-pool")
     policy = ScaleKVPolicy(budget, options.kv_scoring, options.kv_share_cfg, window_side=options.kv_window)
     policy.budget_for(model)
     return policy
@@ -79,6 +117,7 @@ class ScaleKVCache(KVCache):
         self.scoring = scoring
         self.share_cfg_choice = share_cfg_choice
         self.pool_kernel = pool_kernel
+        self.raw_queries = scoring == "raw"  # the model hands after_attention x W_q instead of its queries
         self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # this layer's pass, not yet stored
         self.lengths_at_pass_start = list(self.lengths)
 
@@ -89,7 +128,8 @@ class ScaleKVCache(KVCache):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the held history plus this pass's k, v without storing them (after_attention does)."""
         held = self.lengths[layer]
-        if held != self.lengths_at_pass_start[0] and k.shape[2] != self.budget.patch_nums[self.scale_index] ** 2:
+        height, width = _grid(self.budget.patch_nums[self.scale_index])
+        if held != self.lengths_at_pass_start[0] and k.shape[2] != height * width:
             # the pass's block-causal mask assumes every layer holds as many tokens as the first
             raise RuntimeError("a pass over several scales cannot run on layers compressed to different lengths")
         if not self.persist:
@@ -121,12 +161,14 @@ class ScaleKVCache(KVCache):
         queries (rows, heads, n_pass, head_dim) of the pass, its last scale at the end; keys (rows, heads,
         length, head_dim), everything this layer attended to, the current scale at the end.
         """
-        side = self.budget.patch_nums[self.scale_index]
-        length = keys.shape[2]
-        offsets = torch.tensor(window_offsets(side, self.budget.window_side), device=keys.device)
-        window = length - side * side + offsets  # key positions of the window tokens
-        window_queries = queries[:, :, -side * side:].index_select(2, offsets).float()  # (rows, heads, W, hd)
+        grid = _grid(self.budget.patch_nums[self.scale_index])
+        count, length = grid[0] * grid[1], keys.shape[2]
+        offsets = torch.tensor(window_offsets(grid, self.budget.window_side), device=keys.device)
+        window = length - count + offsets  # key positions of the window tokens
+        window_queries = queries[:, :, -count:].index_select(2, offsets).float()  # (rows, heads, W, hd)
         logits = window_queries @ keys.float().transpose(-1, -2)  # (rows, heads, W, length)
+        if self.raw_queries:  # raw x W_q against the normalised, rotated keys, as the released code scores
+            logits = logits / keys.shape[-1] ** 0.5
         rows, heads = logits.shape[:2]
         pad = self.pool_kernel // 2
         if self.scoring == "softmax":
@@ -184,9 +226,9 @@ class ScaleKVPolicy(KVPolicy):
 
     def budget_for(self, model) -> KVBudget:
         if isinstance(self.budget, KVBudget):
-            self.budget.check(model.config)
+            self.budget.check(budget_shape(model))
             return self.budget
-        return KVBudget.uniform(model.config, float(self.budget), self.window_side)
+        return KVBudget.uniform(budget_shape(model), float(self.budget), self.window_side)
 
     def make_cache(self, model, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
         budget = self.budget_for(model)

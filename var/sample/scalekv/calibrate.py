@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from var.models.family import ScaleModel, ScaleTokenizer
 from var.models.kv_cache import KVCache
-from var.models.var import VAR, VARConfig
+from var.models.var import VARConfig
 from var.sample.kv import KVPolicy
 from var.sample.logits import SamplingSettings
 from var.sample.scale import VARSampler
-from var.tokenizers.vqvae import VQVAE
+from var.sample.scalekv.cache import budget_shape
 
 
 class SelectivityRecorder(KVCache):
@@ -51,8 +52,8 @@ class SelectivityPolicy(KVPolicy):
         self.history_top_k = history_top_k
         self.totals: dict[tuple[int, int], list] = {}
 
-    def make_cache(self, model: VAR, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
-        cfg = model.config
+    def make_cache(self, model: ScaleModel, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
+        cfg = budget_shape(model)
         stop = cfg.num_scales if stop is None else stop
         return SelectivityRecorder(cfg.depth, cfg.scale_bounds[stop - 1][0], cfg.tokens_per_scale,
                                    self.history_top_k, self.totals)
@@ -71,22 +72,22 @@ class SelectivityPolicy(KVPolicy):
 
 @torch.no_grad()
 def measure_selectivity(
-    model: VAR,
-    vqvae: VQVAE,
-    labels: torch.Tensor,
+    model: ScaleModel,
+    vqvae: ScaleTokenizer,
+    labels,
     history_top_k: int,
     settings: SamplingSettings | None = None,
     batch_size: int = 16,
     seed: int = 0,
 ) -> list[list[float] | None]:
-    """ASI of every (scale, layer) while sampling ``labels`` with the plain sampler (batch i: seed + i).
+    """ASI of every (scale, layer) while sampling ``labels`` (class labels, or Infinity's prompts) with the plain
+    sampler (batch i: seed + i).
 
     ``history_top_k`` is K', the number of largest history attentions whose mass counts (naturally the
     tokens a layer keeps under the budget being calibrated).
     """
-    cfg = model.config
     policy = SelectivityPolicy(history_top_k)
     sampler = VARSampler(model, vqvae, settings, kv_policy=policy)
     for i, start in enumerate(range(0, len(labels), batch_size)):
         sampler.sample(labels[start:start + batch_size], seed=seed + i, decode=False)
-    return policy.selectivity(cfg)
+    return policy.selectivity(budget_shape(model))

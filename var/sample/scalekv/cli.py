@@ -15,12 +15,17 @@ from var.argtypes import integer, number
 from var.sample.arguments import (
     add_model_arguments,
     add_settings_arguments,
+    add_text_arguments,
     apply_release,
     load_models,
+    read_prompts,
     settings_from_args,
+    use_text_arguments,
 )
-from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget
+from var.sample.scalekv.budget import WINDOW_SIDE, KVBudget, scale_key
+from var.sample.scalekv.cache import budget_shape
 from var.sample.scalekv.calibrate import measure_selectivity
+from var.text import T5TextEncoder
 from var.utils import autocast, resolve_device
 
 
@@ -34,6 +39,7 @@ def add_parser(subparsers) -> None:
     which = group.add_mutually_exclusive_group()
     which.add_argument("--labels", type=integer(-1), nargs="+", help="calibration class labels")
     which.add_argument("--num-labels", type=integer(1), default=10, help="this many random classes (default 10)")
+    add_text_arguments(parser, which)
     group.add_argument("--kv-budget", type=number(0, 1, exclusive_minimum=True), default=0.1,
                        help="fraction of the cache kept (default 0.1)")
     group.add_argument("--drafter-fraction", type=number(0, 1), default=0.1,
@@ -50,13 +56,19 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     apply_release(args)
     settings = settings_from_args(args)
+    prompts = read_prompts(args)
+    encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     vqvae, model = load_models(args, device)
-    cfg = model.config
-    if args.labels is not None:
+    use_text_arguments(args, model, prompts)
+    cfg = budget_shape(model)
+    if prompts is not None:
+        labels = encoder.encode_infinity(prompts)
+        del encoder
+    elif args.labels is not None:
         labels = torch.tensor(args.labels)
     else:
         generator = torch.Generator().manual_seed(args.seed)
-        labels = torch.randperm(cfg.num_classes, generator=generator)[: args.num_labels]
+        labels = torch.randperm(model.num_classes, generator=generator)[: args.num_labels]
     per_layer = KVBudget.uniform(cfg, args.kv_budget, args.kv_window).tokens_per_layer
     history_top_k = args.history_top_k or per_layer
     with autocast(device, args.dtype):
@@ -65,11 +77,12 @@ def run(args: argparse.Namespace) -> None:
     budget = KVBudget.from_selectivity(cfg, selectivity, args.kv_budget, args.drafter_fraction, args.kv_window)
     out = Path(args.out)
     budget.save(out)
-    print(f"calibrated on {len(labels)} labels; {per_layer} history tokens per layer on average "
+    print(f"calibrated on {len(labels)} {'prompts' if prompts else 'labels'}; {per_layer} history tokens per layer "
+          "on average "
           f"({args.kv_budget:g} of {cfg.seq_len - cfg.tokens_per_scale[-1]})")
     for k, pn in enumerate(cfg.patch_nums):
         kept = budget.history[k]
         if k > 0 and cfg.scale_bounds[k - 1][1] > per_layer:
-            print(f"  scale {pn:>2}x{pn:<2} drafters {budget.drafters[k] or '-'}; tokens kept per layer "
+            print(f"  scale {scale_key(pn):>5} drafters {budget.drafters[k] or '-'}; tokens kept per layer "
                   f"{min(kept)}..{max(kept)} of {cfg.scale_bounds[k - 1][1]}")
     print(f"wrote {out}")

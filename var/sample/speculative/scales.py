@@ -1,4 +1,5 @@
-"""Scale-wise speculative decoding for VAR: several scales per forward pass, exactly plain VAR's law.
+"""Scale-wise speculative decoding for next-scale models (VAR, Infinity): several scales per forward pass,
+exactly the plain sampler's law (Infinity's bits are verified as draws, each a position of vocabulary 2).
 
 Plain VAR spends one pass per scale.  A speculative pass over scales first..last feeds block ``first`` from
 the decided scales (exact) and every later block j+1 from *drafted* tokens of scale j, all in one
@@ -82,9 +83,6 @@ class ScaleSpeculativeSampler(ScaleSampler):
         super().__init__(model, tokenizer, settings, **options)
         if self.settings.more_smooth:
             raise ValueError("more_smooth feeds random soft codes to later scales; it cannot be speculated exactly")
-        if model.draws_per_token != 1:
-            raise ValueError(f"sjd-scale guesses one code per token; {type(model).__name__} draws "
-                             f"{model.draws_per_token} per token")
         self.spec_scales = self.options.spec_scales
         self.spec_max_tokens = self.options.spec_max_tokens
         self.draft_source = self.options.draft_source
@@ -112,14 +110,15 @@ class ScaleSpeculativeSampler(ScaleSampler):
         return decided
 
     def guess(self, state: DecodeState, tokens: list[torch.Tensor], scale_index: int) -> torch.Tensor:
-        """One-hot draft (B, h*w): the previous scale's tokens upsampled (nearest); random for scale 0."""
-        shapes = self.model.schedule.shapes
+        """One-hot draft (B, h*w*draws): the previous scale's draws upsampled (nearest); random for scale 0."""
+        shapes, draws = self.model.schedule.shapes, self.model.draws_per_token
         if scale_index == 0:
-            count = self.model.schedule.tokens[0]
+            count = self.model.schedule.tokens[0] * draws
             return torch.randint(self.model.vocab_size, (state.batch_size, count), generator=state.generator,
                                  device=state.f_hat.device)
-        previous = tokens[scale_index - 1].view(-1, 1, *shapes[scale_index - 1])
-        return F.interpolate(previous.float(), size=shapes[scale_index], mode="nearest").long().flatten(1)
+        previous = tokens[scale_index - 1].view(-1, *shapes[scale_index - 1], draws).permute(0, 3, 1, 2)
+        upsampled = F.interpolate(previous.float(), size=shapes[scale_index], mode="nearest").long()
+        return upsampled.permute(0, 2, 3, 1).flatten(1)  # (B, h*w*draws), draws of a token together
 
     # -- the steps of a pass ---------------------------------------------------------------------------
     def prepare_draft(self, state: DecodeState, scale_index: int, book: DraftBook, decided: torch.Tensor) -> None:
@@ -139,13 +138,13 @@ class ScaleSpeculativeSampler(ScaleSampler):
         scratch = DecodeState(conditions=state.conditions, batch_size=state.batch_size, f_hat=state.f_hat.clone(),
                               features=list(state.features))
         for scale in range(first, last):
-            self.advance(scratch, scale, self.tokenizer.scale_features(book.tokens[scale], scale))
+            self.advance(scratch, scale, self.scale_features(book.tokens[scale], scale))
         features = [runner.scale_inputs(scratch, scale) for scale in range(first, last + 1)]
         hidden = runner.forward_scales(first, last, features, state, persist=True if last > first else None)
-        logits = self.model.logits(hidden, runner.cond)  # (rows, n_first + ... + n_last, V)
+        logits = self.model.logits(hidden, runner.cond)  # (rows, (n_first + ... + n_last) * draws, V)
         begin = 0
         for scale in range(first, last + 1):
-            count = self.model.schedule.tokens[scale]
+            count = self.model.schedule.tokens[scale] * self.model.draws_per_token
             yield scale, self.processed_logits(state, scale, logits[:, begin: begin + count])
             begin += count
 
@@ -160,7 +159,7 @@ class ScaleSpeculativeSampler(ScaleSampler):
         against (its draft's q if accepted, else p), ``sampled_q`` the q of the fresh draw (p).
         """
         # plain draw: bonus token or recycled draft
-        sample = self.draw(state, processed, self.model.schedule.bounds[scale_index][0])
+        sample = self.draw(state, processed, self.draw_offset(scale_index))
         none_passed = torch.zeros(state.batch_size, dtype=torch.bool, device=processed.device)
         if state.noise_seed is not None:  # Gumbel mode: the draw is the verifier's argmax
             passed = (sample == book.tokens[scale_index]).all(dim=1) if drafted else none_passed
@@ -200,7 +199,7 @@ class ScaleSpeculativeSampler(ScaleSampler):
             runner.rollback(shared)  # drop blocks some row rejected; keep what every row decided
             for scale in range(first, shared):
                 state.indices.append(book.tokens[scale])
-                self.advance(state, scale, self.tokenizer.scale_features(book.tokens[scale], scale))
+                self.advance(state, scale, self.scale_features(book.tokens[scale], scale))
         return state.indices, state.f_hat, {**kv_stats(runner.cache), "passes_per_image": row_passes.mean().item()}
 
 
@@ -210,7 +209,8 @@ class DraftBook:
     from a computed block (decided, or recycled from a stale block) rather than a guess."""
 
     def __init__(self, state: DecodeState, model: ScaleModel, draftable: Sequence[int]):
-        batch, device, sizes = state.batch_size, state.f_hat.device, model.schedule.tokens
+        batch, device = state.batch_size, state.f_hat.device
+        sizes = [tokens * model.draws_per_token for tokens in model.schedule.tokens]  # draws per scale
         self.tokens = [torch.zeros(batch, n, dtype=torch.long, device=device) for n in sizes]
         self.q = {scale: torch.zeros(batch, sizes[scale], model.vocab_size, device=device) for scale in draftable}
         self.computed = {scale: torch.zeros(batch, dtype=torch.bool, device=device) for scale in draftable}

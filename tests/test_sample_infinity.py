@@ -1,0 +1,293 @@
+"""Infinity through the samplers: the protocol, its guidance rule, and the exactness of sjd-scale on bits.
+
+The official seeded bits are reproduced in test_infinity_parity.py; here a tiny Infinity with 1-bit tokens
+over the scales 1x1, 2x2, 4x4 has an enumerable law: every (scale 0, scale 1) context (2^5 = 32) is run
+teacher-forced, which gives the exact probabilities of the first two scales and of each bit of the last
+scale given them.  Speculative sampling must match them (chi-square, seeded); broken variants must not.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_pair
+from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
+from test_sample_sjd import ALPHA, BROKEN, BROKEN_SJD, chi_square_p
+
+from var.models.family import ScaleModel, ScaleSchedule, ScaleTokenizer
+from var.models.infinity import PackedText
+from var.models.infinity_schedules import TEMPLATES
+from var.models.kv_cache import KVCache
+from var.sample import speculative
+from var.sample.code import CoDeSampler
+from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
+from var.sample.speculative.scales import ScaleSpeculativeSampler
+
+NUM_SAMPLES = 12_000
+BROKEN_SAMPLES = 8_000
+LAST_BITS = (0, 5, 15)  # bits of the last scale whose joint law with the first two scales is tested
+SETTINGS = SamplingSettings(cfg=[0.5, 2.0, 1.0], temperature=[1.0, 0.8, 1.2], top_k=0, top_p=0.97)
+
+
+def test_infinity_and_bsq_satisfy_the_scale_protocols():
+    model, tokenizer = tiny_infinity(), tiny_bsq()
+    assert isinstance(model, ScaleModel) and isinstance(tokenizer, ScaleTokenizer)
+    model.use_schedule(TINY_SCHEDULE)
+    assert model.draws_per_token == 4 and model.vocab_size == 2 and model.depth == 2
+    with pytest.raises(ValueError, match="4-bit tokens"):
+        VARSampler(model, tiny_bsq(codebook_dim=2))
+    with pytest.raises(ValueError, match="give prompts"):
+        VARSampler(model, tokenizer).sample(None, seed=0)
+    with pytest.raises(ValueError, match="cfg_layer"):
+        VARSampler(model, tokenizer, SamplingSettings(cfg_layer=-3))
+    with pytest.raises(ValueError, match="cfg has 2 values"):
+        VARSampler(model, tokenizer, SamplingSettings(cfg=[1.0, 2.0]))
+
+
+@pytest.mark.parametrize("cfg_layer", [0, -1])
+def test_sampler_equals_a_hand_written_official_loop(cfg_layer):
+    """The protocol path (runner, rule, tokenizer) against the official loop spelled out on the model."""
+    model, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    text, settings = random_text([3, 5]), SamplingSettings(cfg=[0.0, 2.0, 3.0], temperature=0.5, top_k=0,
+                                                           top_p=0.9, cfg_layer=cfg_layer)
+    with torch.no_grad():
+        out = VARSampler(model, tokenizer, settings).sample(text, seed=5)
+        generator = torch.Generator().manual_seed(5)
+        cond = model.condition(text, guidance=True)
+        weights = [1.0, 3.0, 4.0]
+        if cfg_layer:
+            cond.mix_layer, cond.mix_weights = model.depth + cfg_layer, tuple(weights)
+        summed, inputs, cache = None, None, KVCache(model.depth, TINY_SCHEDULE.length)
+        for si in range(TINY_SCHEDULE.num_scales):
+            cache.begin_pass(si)
+            logits = model.logits(model.forward_scales(cond, si, inputs=inputs, cache=cache), cond) / 0.5
+            mixed = weights[si] * logits[:2] + (1 - weights[si]) * logits[2:]
+            logits = mixed if cfg_layer == 0 and weights[si] != 1 else logits[:2]
+            probs = logits.softmax(-1)
+            probs = torch.where(probs <= 0.1, 0.0, probs)  # top-p 0.9 on two outcomes
+            bits = torch.multinomial(probs.view(-1, 2), 1, generator=generator).view(2, -1)
+            assert torch.equal(bits, out.indices[si]), si
+            h, w = TINY_SCHEDULE.shapes[si]
+            summed, inputs = tokenizer.next_input(si, summed, tokenizer.bits_to_codes(bits.view(2, h, w, 4)),
+                                                  TINY_SCHEDULE)
+    torch.testing.assert_close(out.f_hat, summed)
+    assert out.images.shape == (2, 3, 8, 8)
+
+
+def repeated(text: PackedText, copies: int) -> PackedText:
+    return PackedText(text.features.repeat(copies, 1), text.lens * copies)
+
+
+@pytest.fixture(scope="module")
+def one_bit_infinity():
+    """A 1-bit Infinity and the exact law of its (scale 0, scale 1) bits and of chosen last-scale bits."""
+    model = tiny_infinity(bits_per_token=1, seed=3, width=32, num_heads=2, mlp_ratio=8.0, cross_attn_bf16=False)
+    model.use_schedule(TINY_SCHEDULE)
+    tokenizer = tiny_bsq(codebook_dim=1)
+    text = random_text([4])
+    contexts = torch.tensor(list(itertools.product(range(2), repeat=5)))  # (32, 5): scale 0, then scale 1
+    plain = VARSampler(model, tokenizer, SETTINGS)
+    with torch.no_grad():
+        state = plain.begin(repeated(text, len(contexts)))
+        features = []
+        for si, bits in enumerate((contexts[:, :1], contexts[:, 1:])):
+            features.append(tokenizer.next_scale_input(si, state.f_hat, plain.scale_features(bits, si),
+                                                       schedule=TINY_SCHEDULE))
+        runner = plain.new_runner(state)
+        hidden = runner.forward_scales(0, 2, [None, *features], state)
+        logits = model.logits(hidden, runner.cond)
+        probs = [plain.processed_logits(state, si, logits[:, begin:end]).softmax(-1)
+                 for si, (begin, end) in enumerate(TINY_SCHEDULE.bounds)]
+    first_two = probs[0][:, 0].gather(1, contexts[:, :1]).squeeze(1)
+    first_two = first_two * probs[1].gather(2, contexts[:, 1:, None]).squeeze(-1).prod(dim=1)  # (32,)
+    with_last = [(first_two.unsqueeze(1) * probs[2][:, i]).flatten() for i in LAST_BITS]  # (64,) each
+    return model, tokenizer, text, first_two, with_last
+
+
+def p_values(sampler, text, first_two, with_last, num_samples: int, seed: int = 0) -> tuple[list[float], float]:
+    out = sampler.sample(repeated(text, num_samples), seed=seed, decode=False)
+    codes = out.indices[0][:, 0] * 16 + (out.indices[1] * 2 ** torch.arange(3, -1, -1)).sum(dim=1)
+    values = [chi_square_p(codes, first_two)]
+    values += [chi_square_p(codes * 2 + out.indices[2][:, i], exact) for i, exact in zip(LAST_BITS, with_last,
+                                                                                        strict=True)]
+    return values, out.stats["passes_per_image"]
+
+
+def test_sjd_scale_on_bits_matches_the_exact_law(one_bit_infinity):
+    model, tokenizer, text, first_two, with_last = one_bit_infinity
+    sampler = ScaleSpeculativeSampler(model, tokenizer, SETTINGS, spec_scales=3, spec_max_tokens=16)
+    values, passes = p_values(sampler, text, first_two, with_last, NUM_SAMPLES)
+    assert min(values) > ALPHA / len(values), values
+    assert passes < 3  # speculation merged scales
+
+
+@pytest.mark.parametrize("variant", list(BROKEN_SJD))
+def test_sjd_scale_on_bits_broken_variants_are_detected(one_bit_infinity, monkeypatch, variant):
+    model, tokenizer, text, first_two, with_last = one_bit_infinity
+    sampler = ScaleSpeculativeSampler(model, tokenizer, SETTINGS, spec_scales=3, spec_max_tokens=16)
+    monkeypatch.setattr(speculative, *BROKEN_SJD[variant])
+    values, _ = p_values(sampler, text, first_two, with_last, BROKEN_SAMPLES)
+    assert min(values) < BROKEN, values
+
+
+@pytest.mark.parametrize("cfg_layer", [0, -1])
+def test_sjd_scale_gumbel_mode_equals_plain_on_infinity(cfg_layer):
+    model, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    settings = SamplingSettings(cfg=2.0, temperature=0.5, top_k=0, top_p=0.97, cfg_layer=cfg_layer)
+    text = random_text([3, 5, 2, 7])
+    plain = VARSampler(model, tokenizer, settings, gumbel=True).sample(text, seed=3)
+    fast = ScaleSpeculativeSampler(model, tokenizer, settings, spec_scales=3, spec_max_tokens=16,
+                                   gumbel=True).sample(text, seed=3)
+    for plain_bits, fast_bits in zip(plain.indices, fast.indices, strict=True):
+        assert torch.equal(plain_bits, fast_bits)
+    torch.testing.assert_close(fast.images, plain.images)
+
+
+@pytest.mark.parametrize("cfg_layer", [0, -1])
+def test_code_drafter_and_refiner_of_two_infinity_sizes(cfg_layer):
+    """CoDe on Infinity: a 2-block drafter, a smaller 1-block refiner; the refiner equal to the drafter is
+    plain sampling bit for bit (one generator through both phases)."""
+    drafter, tokenizer = tiny_infinity().use_schedule(TINY_SCHEDULE), tiny_bsq()
+    refiner = tiny_infinity(seed=1, depth=1, width=32, num_heads=2, mlp_ratio=8.0).use_schedule(TINY_SCHEDULE)
+    settings = SamplingSettings(cfg=[1.0, 2.0, 3.0], temperature=0.7, top_k=0, top_p=0.95, cfg_layer=cfg_layer)
+    text = random_text([3, 5])
+    plain = VARSampler(drafter, tokenizer, settings).sample(text, seed=2)
+    same = CoDeSampler(drafter, tokenizer, settings, refiner=drafter, draft_steps=2).sample(text, seed=2)
+    for plain_bits, code_bits in zip(plain.indices, same.indices, strict=True):
+        assert torch.equal(plain_bits, code_bits)
+    small = CoDeSampler(drafter, tokenizer, settings, refiner=refiner, draft_steps=2).sample(text, seed=2)
+    assert torch.equal(small.indices[1], plain.indices[1])  # the drafter's scales are the plain ones
+    assert small.images.shape == plain.images.shape and small.stats["draft_steps"] == 2
+    with pytest.raises(ValueError, match="bits_per_token 2 .drafter: 4."):
+        CoDeSampler(drafter, tokenizer, settings, refiner=tiny_infinity(bits_per_token=2).use_schedule(TINY_SCHEDULE))
+    shorter = tiny_infinity().use_schedule(ScaleSchedule(TINY_SCHEDULE.shapes[:2], TINY_SCHEDULE.template))
+    with pytest.raises(ValueError, match=r"refiner does not fit the drafter: scales \(\(1, 1\), \(2, 2\)\)"):
+        CoDeSampler(drafter, tokenizer, settings, refiner=shorter)
+
+
+# a non-square schedule: the first 5 grids of the 3:4 (h / w = 0.75) template, 1 + 4 + 12 + 48 + 108 tokens
+WIDE_SCHEDULE = ScaleSchedule(TEMPLATES[0.75][:5], 0.75)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "raw"])
+def test_scalekv_on_a_non_square_infinity_schedule(scoring):
+    model, tokenizer = tiny_infinity().use_schedule(WIDE_SCHEDULE), tiny_bsq()
+    settings = SamplingSettings(cfg=2.0, temperature=0.7, top_k=0, top_p=0.95)
+    text = random_text([3, 5])
+    plain = VARSampler(model, tokenizer, settings).sample(text, seed=4)
+    assert plain.images.shape == (2, 3, 18, 24)
+    full = VARSampler(model, tokenizer, settings, kv_budget=1.0, kv_scoring=scoring).sample(text, seed=4)
+    for plain_bits, bits in zip(plain.indices, full.indices, strict=True):  # budget 1.0 is the plain sampler
+        assert torch.equal(plain_bits, bits)
+    sampler = VARSampler(model, tokenizer, settings, kv_budget=0.3, kv_scoring=scoring, kv_window=2)
+    small = sampler.sample(text, seed=4)
+    budget = sampler.kv_policy.budget_for(model)
+    per_token = 2 * 4 * model.config.width * 4  # k and v, 2B rows, C channels, float32
+    assert small.stats["kv_bytes"] == sum(budget.capacities(0, WIDE_SCHEDULE.num_scales)) * per_token
+    assert small.stats["kv_bytes"] < 0.5 * plain.stats["kv_bytes"]
+    assert not all(torch.equal(a, b) for a, b in zip(plain.indices, small.indices, strict=True))
+
+
+def test_raw_query_scoring_sees_the_projection_without_bias():
+    """The released ScaleKV scores with x W_q: no q bias, normalisation, temperature or RoPE."""
+    model = tiny_infinity().use_schedule(TINY_SCHEDULE)
+    with torch.no_grad():
+        model.blocks[0].attn.q_bias.fill_(5.0)
+    seen, inputs = {}, {}
+
+    def record_input(module, args) -> None:
+        inputs.setdefault("x", args[0])
+
+    model.blocks[0].attn.register_forward_pre_hook(record_input)
+
+    class Recording(KVCache):
+        raw_queries = True
+
+        def after_attention(self, layer, queries, keys):
+            seen.setdefault(layer, queries)
+
+    cache = Recording(model.depth, TINY_SCHEDULE.length)
+    with torch.no_grad():
+        cache.begin_pass(0)
+        model.forward_scales(model.condition(random_text([3])), 0, cache=cache)
+    attention = model.blocks[0].attn
+    expected = (inputs["x"] @ attention.qkv.weight[: model.config.width].T).view(1, 1, 4, 16).transpose(1, 2)
+    torch.testing.assert_close(seen[0], expected)
+    with pytest.raises(ValueError, match="kv_scoring raw"):
+        vqvae, var_model = make_tiny_pair()
+        VARSampler(var_model, vqvae, kv_budget=0.5, kv_scoring="raw")
+
+
+def official_files(tmp_path):
+    """A tiny T5 in a fake Hugging Face cache and a tiny Infinity + BSQ pair written as official files."""
+    from test_text import save_tiny_t5
+
+    from var.infinity_checkpoints import infinity_to_official
+    from var.text import FLAN_T5_XL
+
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{FLAN_T5_XL.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    save_tiny_t5(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model, tokenizer = tiny_infinity(text_maxlen=16), tiny_bsq()
+    torch.save(infinity_to_official(model, block_chunks=2), tmp_path / "infinity.pth")
+    torch.save({"vae": tokenizer.state_dict()}, tmp_path / "bsq.pth")
+    return cache, model, tokenizer
+
+
+def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypatch, capsys):
+    """`var sample --vae BSQ --var INFINITY --prompt ...`: the family is told by the keys, the prompts are
+    encoded by T5 from the local Hugging Face cache, the schedule comes from --resolution/--aspect."""
+    from huggingface_hub import constants
+
+    from var.cli import main
+    from var.models.infinity_schedules import schedule_for
+    from var.text import FLAN_T5_XL, T5TextEncoder
+
+    cache, model, tokenizer = official_files(tmp_path)
+    flags = ["sample", "--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--cfg", "3",
+             "--temperature", "0.5", "--top-k", "900", "--top-p", "0.97", "--resolution", "256", "--aspect", "4:3",
+             "--seed", "1", "--prompt", "a red car", "a photo of a dog"]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match=f"text encoder {FLAN_T5_XL} is not in the local Hugging Face cache"):
+        main(flags + ["--out", str(tmp_path / "none.png")])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    main(flags + ["--out", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "samples.npz")])
+    assert "wrote 2 samples" in capsys.readouterr().out
+    samples = np.load(tmp_path / "samples.npz")
+    schedule = schedule_for(0.75, "0.06M")  # 4:3 is h / w = 0.75
+    assert samples["arr_0"].shape == (2, schedule.shapes[-1][0] * 2, schedule.shapes[-1][1] * 2, 3)
+    assert list(samples["prompts"]) == ["a red car", "a photo of a dog"]
+    text = T5TextEncoder(cache_dir=cache).encode_infinity(["a red car", "a photo of a dog"])
+    settings = SamplingSettings(cfg=3.0, temperature=0.5, top_k=900, top_p=0.97)
+    direct = VARSampler(model.use_schedule(schedule), tokenizer, settings).sample(text, seed=1)
+    assert torch.equal(torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2),
+                       direct.images.mul(255).round().clamp(0, 255).to(torch.uint8))
+    with pytest.raises(SystemExit, match="text-to-image"):
+        main(flags[:-3] + ["--out", str(tmp_path / "x.png")])
+
+
+def test_calibrate_kv_on_infinity_prompts_then_sample_with_the_budget(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from var.cli import main
+    from var.sample.scalekv.budget import KVBudget
+
+    cache, _, _ = official_files(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    files = ["--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--resolution", "256",
+             "--aspect", "3:4", "--cfg", "3", "--kv-budget", "0.2", "--kv-window", "2"]
+    main(["calibrate-kv", *files, "--prompt", "a red car", "a cat", "--out", str(tmp_path / "budget.json")])
+    assert "calibrated on 2 prompts" in capsys.readouterr().out
+    budget = KVBudget.load(tmp_path / "budget.json")
+    assert budget.patch_nums == tuple(h if h == w else (h, w) for h, w in TEMPLATES[1.333][:7])  # 3:4 = h/w 1.333
+    assert budget.selectivity is not None
+    main(["sample", *files[:-4], "--kv-budget", str(tmp_path / "budget.json"), "--prompt", "a dog",
+          "--out", str(tmp_path / "grid.png")])
+    assert "wrote 1 samples" in capsys.readouterr().out
