@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from var.models.family import Conditions, ScaleSchedule
+from var.models.family import Conditions, ScaleSchedule, resolve_labels
 from var.models.kv_cache import KVCache
 from var.pretrained import PretrainedMixin
 
@@ -328,24 +328,8 @@ class ConditionalTransformer(PretrainedMixin, nn.Module):
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Validated class labels (B,) on the model's device; -1 becomes the null class, None draws
-        ``batch_size`` labels uniformly with ``generator``, one int is repeated ``batch_size`` times."""
-        device = self.class_embed.weight.device
-        if labels is None:
-            if batch_size is None:
-                raise ValueError("pass labels or batch_size")
-            uniform = torch.ones(self.num_classes, device=device)
-            return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
-        if isinstance(labels, int):
-            labels = [labels] * (batch_size or 1)
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
-        bad = (labels < -1) | (labels >= self.num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"label {int(labels[bad][0])} is out of range: this model has {self.num_classes} classes "
-                f"(0..{self.num_classes - 1}; -1 samples unconditionally)"
-            )
-        return torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)  # -1: the null class
+        """Validated class labels (B,) on the model's device (:func:`~var.models.family.resolve_labels`)."""
+        return resolve_labels(labels, self.num_classes, self.class_embed.weight.device, batch_size, generator)
 
     def condition_batch_size(self, labels: Conditions) -> int:
         return labels.shape[0]

@@ -22,6 +22,7 @@ class TokenRule:
     """Guidance and processing of one family; subclasses override what differs."""
 
     supports_more_smooth = False
+    supports_cfg_interval = False
 
     def __init__(self, model):
         self.model = model
@@ -34,6 +35,9 @@ class TokenRule:
         """Raise a ValueError for settings this family cannot use."""
         if settings.more_smooth and not self.supports_more_smooth:
             raise ValueError(f"more_smooth applies to VAR's scale features, not to {type(self.model).__name__}")
+        if settings.cfg_interval != -1 and not self.supports_cfg_interval:
+            raise ValueError(f"cfg_interval is LlamaGen's guidance window; {type(self.model).__name__} guides "
+                             "every token (leave it at -1)")
 
     def guide(self, logits: torch.Tensor, settings: SamplingSettings, step) -> torch.Tensor:
         """Guided logits (B, n, V) from the model's rows (conditional half first)."""
@@ -59,9 +63,22 @@ class VARRule(TokenRule):
         return target_logits(guided, settings, step)
 
 
-class RasterARRule(TokenRule):
-    """The raster AR baseline: a constant weight, (1 + cfg) cond - cfg uncond; top-k, top-p, then
-    temperature, one value each (there is one token map, no per-scale lists)."""
+class LlamaGenRule(TokenRule):
+    """LlamaGen's ``generate`` (autoregressive/models/generate.py), exactly.
+
+    Guidance: the official ``cfg_scale`` s = 1 + ``cfg``, so ``cfg`` keeps the meaning it has for VAR (the
+    weight t of (1 + t) cond - t uncond) and the official ``--cfg-scale 4.0`` is ``--cfg 3.0``.  The batch is
+    guided only when s > 1 (``cfg`` > 0), as ``uncond + (cond - uncond) * s``.  ``cfg_interval`` >= 0 guides
+    image tokens 0..cfg_interval+1 and uses the conditional logits alone after them (the unconditional half
+    keeps running).  Processing: logits / max(temperature, 1e-5), then top-k (ties at the k-th value kept),
+    then top-p on the result (the first token crossing top_p kept); ``top_p`` 0 or 1 and ``top_k`` 0 filter
+    nothing.  One value each: there is one token map.
+    """
+
+    supports_cfg_interval = True
+
+    def guided(self, settings: SamplingSettings) -> bool:
+        return settings.cfg > 0
 
     def check(self, settings: SamplingSettings) -> None:
         super().check(settings)
@@ -70,14 +87,33 @@ class RasterARRule(TokenRule):
                 raise ValueError(f"{name} must be one value for {type(self.model).__name__} (it has a single "
                                  "token map)")
 
-    def guide(self, logits: torch.Tensor, settings: SamplingSettings, step) -> torch.Tensor:
-        return guide(logits, settings.cfg)
+    def guide(self, logits: torch.Tensor, settings: SamplingSettings, step: torch.Tensor | None) -> torch.Tensor:
+        if not self.guided(settings):
+            return logits
+        batch = logits.shape[0] // 2
+        cond, uncond = logits[:batch], logits[batch:]
+        guided = uncond + (cond - uncond) * (1.0 + settings.cfg)
+        if settings.cfg_interval < 0 or step is None:
+            return guided
+        after = (step > settings.cfg_interval + 1).unsqueeze(-1)  # (B, n, 1): tokens past the interval
+        return torch.where(after, cond, guided)
 
     def process(self, guided: torch.Tensor, settings: SamplingSettings, step) -> torch.Tensor:
-        return target_logits(guided, settings, 0)
+        top_k, top_p, temperature = settings.at(0)
+        logits = guided / max(temperature, 1e-5)
+        vocab = logits.shape[-1]
+        if top_k > 0:
+            kth = logits.topk(min(top_k, vocab), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if 0 < top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
+            remove = torch.cat((torch.zeros_like(remove[..., :1]), remove[..., :-1]), dim=-1)  # keep the crossing one
+            logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        return logits
 
 
-RULES: dict[str, type[TokenRule]] = {"var": VARRule, "raster-ar": RasterARRule}
+RULES: dict[str, type[TokenRule]] = {"var": VARRule, "llamagen": LlamaGenRule}
 
 
 def rule_for(model) -> TokenRule:
