@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from var.models.ar import ARConfig, RasterAR
+from var.models.llamagen import LlamaGen, LlamaGenConfig
 from var.models.var import VAR, VARConfig, block_causal_mask, patch_nums_from_tokens
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import atomic_write
@@ -294,8 +294,8 @@ def load_official_vqvae(source: str | os.PathLike | Mapping[str, torch.Tensor], 
     return model.eval()
 
 
-def check_pair(vqvae: VQVAE, var: VAR | RasterAR) -> None:
-    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster AR baseline) cannot work together."""
+def check_pair(vqvae: VQVAE, var: VAR | LlamaGen) -> None:
+    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster LlamaGen) cannot work together."""
     var.check_tokenizer(vqvae)
 
 
@@ -304,7 +304,7 @@ def check_pair(vqvae: VQVAE, var: VAR | RasterAR) -> None:
 MODEL_KINDS: dict[str, tuple[type, type]] = {
     "var": (VAR, VARConfig),
     "vqvae": (VQVAE, VQVAEConfig),
-    "ar": (RasterAR, ARConfig),
+    "llamagen": (LlamaGen, LlamaGenConfig),  # the raster model: 'var train --model ar' writes it as ar.*
 }
 
 
@@ -340,7 +340,9 @@ def load_model(directory: str | os.PathLike, name: str, map_location: str | torc
         raise ValueError(f"{meta_path} is not valid JSON ({error}); the checkpoint is damaged") from None
     if not isinstance(meta, dict) or meta.get("kind") not in MODEL_KINDS:
         kind = meta.get("kind") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path}: unknown model kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
+        hint = ("; kind 'ar' was the old raster baseline, replaced by the LlamaGen architecture: retrain it with "
+                "'var train --model ar'") if kind == "ar" else ""
+        raise ValueError(f"{meta_path}: unknown model kind {kind!r} (expected one of {', '.join(MODEL_KINDS)}){hint}")
     model_cls, config_cls = MODEL_KINDS[meta["kind"]]
     try:
         config = config_cls(**meta.get("config", {}))

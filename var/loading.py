@@ -3,10 +3,12 @@
 Accepted sources:
 
 * a model bundle directory holding ``vqvae.json/.safetensors`` and ``var.json/.safetensors`` (or
-  ``ar.json/.safetensors`` for the raster AR baseline; pick it with ``var_name="ar"``), what training
+  ``ar.json/.safetensors`` for the raster model, LlamaGen's architecture; pick it with ``var_name="ar"``), what training
   writes into every checkpoint directory;
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
-* the official ``.pth`` files (or state dicts), given as ``vae=`` and ``var=`` (:func:`load_official`).
+* the official ``.pth`` files (or state dicts), given as ``vae=`` and ``var=`` (:func:`load_official`): VAR's
+  (``vae_ch160v4096z32.pth`` + ``var_d16.pth``) or LlamaGen's released files (``vq_ds16_c2i.pt`` +
+  ``c2i_B_256.pt``, ``t2i_XL_stage1_256.pt`` ...), the family told from the transformer's state dict.
 
 One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) comes from
 :func:`load_one`, from either kind of source.
@@ -21,8 +23,10 @@ from pathlib import Path
 import torch
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae
-from var.models.ar import RasterAR
+from var.checkpoints_llamagen import check_llamagen_pair, is_llamagen_release, load_llamagen, load_llamagen_vq
+from var.models.llamagen import LlamaGen
 from var.models.var import VAR
+from var.tokenizers.llamagen_vq import LlamaGenVQ
 from var.tokenizers.vqvae import VQVAE
 
 LATEST_POINTER = "latest"
@@ -38,7 +42,8 @@ def resolve_bundle(path: str | os.PathLike, name: str = "var") -> Path:
         bundle = path / "checkpoints" / pointer.read_text().strip()
         if (bundle / f"{name}.json").is_file():
             return bundle
-        hint = {"ar": "; samplers 'ar' and 'sjd' decode the raster AR baseline: train one with 'var train --model ar'",
+        hint = {"ar": "; samplers 'ar' and 'sjd' decode a raster model: train one with 'var train --model ar' "
+                      "or pass released LlamaGen files (--vae vq_ds16_c2i.pt --var c2i_B_256.pt)",
                 "var": "; it is a tokenizer run: train a transformer on it with 'var train'"}.get(name, "")
         raise FileNotFoundError(f"{pointer} points to {bundle}, which holds no '{name}' checkpoint{hint}")
     if not path.exists():
@@ -55,8 +60,8 @@ def load_pair(
     var: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     var_name: str = "var",
-) -> tuple[VQVAE, VAR | RasterAR]:
-    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` files.
+) -> tuple[VQVAE | LlamaGenVQ, VAR | LlamaGen]:
+    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` / ``.pt`` files.
 
     ``var_name`` names the transformer checkpoint in a bundle: ``var``, or ``ar`` for the raster baseline.
     """
@@ -77,11 +82,18 @@ def load_official(
     var: str | os.PathLike | Mapping[str, torch.Tensor],
     vqvae_overrides: Mapping | None = None,
     **var_overrides,
-) -> tuple[VQVAE, VAR]:
-    """Load an official (VQ-VAE, VAR) pair; the tokenizer is set to the transformer's scale schedule.
+) -> tuple[VQVAE | LlamaGenVQ, VAR | LlamaGen]:
+    """Load an official (tokenizer, transformer) pair: VAR's (the tokenizer set to the transformer's scale
+    schedule) or LlamaGen's (VQ + GPT; told from the GPT's keys, var/checkpoints_llamagen.py).
 
-    ``vqvae_overrides`` sets what the weights cannot tell (e.g. ``norm_groups``, ``using_znorm``).
+    ``vqvae_overrides`` / ``var_overrides`` set what the weights cannot tell (VAR: ``norm_groups``,
+    ``using_znorm``; LlamaGen: ``image_size`` of a renamed file, ``n_head`` of an unnamed size).
     """
+    if is_llamagen_release(var):  # a LlamaGen VQ given as the transformer fails naming the GPT keys it lacks
+        gpt = load_llamagen(var, **var_overrides)
+        vq = load_llamagen_vq(vqvae, **(vqvae_overrides or {}))
+        check_llamagen_pair(vq, gpt)
+        return vq, gpt
     var_model = load_official_var(var, **var_overrides)
     vqvae_model = load_official_vqvae(vqvae, **{"patch_nums": var_model.config.patch_nums, **(vqvae_overrides or {})})
     check_pair(vqvae_model, var_model)
@@ -92,7 +104,7 @@ OFFICIAL_LOADERS = {"var": load_official_var, "vqvae": load_official_vqvae}
 
 
 def load_one(path: str | os.PathLike, name: str = "var", device: str | torch.device = "cpu"
-             ) -> VAR | RasterAR | VQVAE:
+             ) -> VAR | LlamaGen | VQVAE:
     """Model ``name`` (var, ar, vqvae) from a bundle/run directory or, for VAR and the VQ-VAE, an
     official-format ``.pth`` file; in eval mode on ``device``."""
     path = Path(path)

@@ -313,6 +313,10 @@ class Captions:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def __getitem__(self, index) -> Captions:
+        """A sub-batch (``captions[i:j]``), as label tensors are sliced into sampling batches."""
+        return Captions(self.features[index], None if self.mask is None else self.mask[index])
+
 
 @dataclass
 class ConditionRows:

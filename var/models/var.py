@@ -31,7 +31,7 @@ MAX_LOG_TEMPERATURE = math.log(100)
 
 @dataclass
 class TransformerConfig:
-    """Architecture of the AdaLN transformer blocks shared by VAR, the raster AR baseline and training configs.
+    """Architecture of the AdaLN transformer blocks shared by VAR and the training configs.
 
     ``width``, ``num_heads`` and ``drop_path_rate`` default to the official depth rule: width 64*depth,
     depth heads of 64 dims, drop path 0.1*depth/24.
@@ -226,7 +226,7 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
 
 
 class ConditionalTransformer(PretrainedMixin, nn.Module):
-    """What VAR and the raster AR baseline share: a class embedding with a null class (index
+    """VAR's class-conditional AdaLN stack: a class embedding with a null class (index
     ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, the AdaLN head, the official
     initialisation and the class conditions of var/models/family.py."""
 

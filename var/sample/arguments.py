@@ -42,7 +42,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler")
     group.add_argument("--sampler", default="var", choices=SAMPLER_NAMES,
                        help="plain next-scale (var), ScaleKV preset (scalekv), CoDe (code), scale-wise speculation "
-                            "(sjd-scale); the raster AR baseline: plain (ar) or speculative Jacobi (sjd)")
+                            "(sjd-scale); raster LlamaGen models: plain (ar) or speculative Jacobi (sjd)")
     add_option_arguments(group, all_options(), option_users())
 
 

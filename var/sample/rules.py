@@ -1,9 +1,9 @@
 """Token rules: how a model family turns one step's logits into the distribution its tokens are drawn from.
 
 Guidance and token processing are conventions of a model family's official sampler, not of a sampler loop:
-VAR ramps its guidance weight over the scales and applies the temperature after top-k/top-p; the raster AR
-baseline guides with a constant weight; LlamaGen guides with uncond + s (cond - uncond) only when s > 1 (and
-only inside its cfg interval) and applies the temperature first; Infinity scales logits by 1/tau and mixes
+VAR ramps its guidance weight over the scales and applies the temperature after top-k/top-p; LlamaGen (the
+raster family) guides with uncond + s (cond - uncond), s = 1 + cfg, only when s > 1 (and only inside its cfg
+interval) and applies the temperature first; Infinity scales logits by 1/tau and mixes
 cfg * cond + (1 - cfg) * uncond per scale.  Each family names its rule (``model.sampling_rule``); every
 sampler asks :func:`rule_for` and never hard-codes one, so adding a family means adding a rule here.
 
