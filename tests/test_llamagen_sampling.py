@@ -95,3 +95,39 @@ def test_eval_runs_the_raster_samplers_on_released_llamagen(released, tmp_path):
         main(["eval", "--vae", vq, "--var", c2i, "--sampler", sampler, "--device", "cpu", "--per-class", "1",
               "--cfg", "1", "--no-metrics", "--no-progress", "--out", str(out)])
         assert load_samples(out / "samples.npz").labels.tolist() == [0, 1, 2]
+
+
+def test_released_llamagen_by_name_from_a_local_hub_cache(released, tmp_path, monkeypatch):
+    """``llamagen-c2i-b-256`` resolves from the Hugging Face cache (offline, sha256 checked) and loads as a
+    LlamaGen pair with the publishers' FID settings, cfg_scale 2.0 given as our cfg 1.0."""
+    import dataclasses
+    import hashlib
+    from pathlib import Path
+
+    from conftest import put_in_fake_hub
+
+    from var import hub
+    from var.pretrained import load_pipeline
+
+    _, vq_file, c2i_file, _ = released
+    cache = tmp_path / "hf"
+    entry = hub.RELEASES["llamagen-c2i-b-256"]
+    contents = {}
+    for role, source in (("tokenizer", vq_file), ("transformer", c2i_file)):
+        (file,) = entry.components[role]
+        contents[role] = Path(source).read_bytes()
+        put_in_fake_hub(cache, file.repo_id, file.filename, contents[role])
+    components = {role: tuple(dataclasses.replace(f, sha256=hashlib.sha256(contents[role]).hexdigest()) for f in fs)
+                  for role, fs in entry.components.items()}
+    monkeypatch.setitem(hub.RELEASES, entry.name, dataclasses.replace(entry, components=components))
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VAR_CACHE_DIR", str(tmp_path / "var-cache"))
+
+    vq, gpt, settings = load_pipeline("llamagen-c2i-b-256")
+    assert isinstance(vq, LlamaGenVQ) and isinstance(gpt, LlamaGen)
+    assert gpt.grid == (4, 4)  # the file's args.image_size (64 px here) wins over its name
+    assert (settings.cfg, settings.top_k, settings.top_p) == (1.0, 0, 1.0) and entry.sampler == "ar"
+    alone = LlamaGen.from_pretrained("llamagen-c2i-b-256")
+    assert alone.grid == gpt.grid and all(torch.equal(a, b) for a, b in
+                                          zip(alone.state_dict().values(), gpt.state_dict().values(), strict=True))
