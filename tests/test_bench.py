@@ -18,7 +18,7 @@ def test_bench_tiny_cpu_writes_report_and_plot(tmp_path):
     assert all(r["img_per_s"] > 0 and r["sec"] <= r["median_sec"] for r in rows)
     assert rows[1]["kv_bytes"] == 2 * rows[0]["kv_bytes"]  # the cache grows linearly with the batch
     assert rows[4]["passes"] == 16 and rows[6]["passes"] < 16  # tiny LlamaGen: a 4x4 token map, one token per pass
-    assert rows[4]["model"] == "tiny LlamaGen" and rows[4]["depth"] == 2
+    assert rows[4]["architecture"] == "tiny LlamaGen" and rows[4]["depth"] == 2
     ratios = {(r["sampler"], r["B"]): r for r in report["vs_base"]}
     assert set(ratios) == {("scalekv", 1), ("scalekv", 2), ("sjd", 1), ("sjd", 2)}  # each against its own base
     assert ratios[("scalekv", 1)]["kv_ratio"] < 1

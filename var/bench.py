@@ -264,7 +264,7 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for row in measured:
         options = " ".join(f"{key}={value}" for key, value in _settings_of(row).items())
-        model = row.get("model", f"d{row['depth']}")
+        model = row.get("architecture", f"d{row['depth']}")
         series.setdefault(f"{row['sampler']} {model} {options}".strip(), []).append(row)
     plt = pyplot()
     fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -316,7 +316,7 @@ def bench_depth(depth: int | str, raster: bool, names: list[str], args: argparse
     LlamaGen size for the raster samplers."""
     if raster:
         model, tokenizer = build_llamagen_models(depth, args.tiny, device)
-        labels = {"depth": model.depth, "model": "tiny LlamaGen" if args.tiny else f"LlamaGen {depth}"}
+        labels = {"depth": model.depth, "architecture": "tiny LlamaGen" if args.tiny else f"LlamaGen {depth}"}
     else:
         model, tokenizer = build_models(depth, args.tiny, device)
         labels = {"depth": depth}

@@ -16,7 +16,8 @@ Two ways to run it:
 
 * :meth:`LlamaGen.forward` (teacher forcing): the whole sequence at once, logits for every position;
 * :meth:`LlamaGen.forward_hidden` with a cache object: k >= 1 new rows at explicit absolute positions per row,
-  causal among themselves, on top of the cached prefix.  :meth:`prefill` and :meth:`step` wrap it for
+  causal among themselves, on top of the cached prefix; :meth:`LlamaGen.forward_positions` is the same for the
+  samplers (the :class:`~var.models.family.RasterModel` protocol, with :class:`Captions` for t2i).  :meth:`prefill` and :meth:`step` wrap it for
   condition rows and image tokens.  The cache speaks var/models/kv_cache.py's interface
   (``update(layer, k, v) -> (keys, values)``, optional ``after_attention(layer, q, k)``) and must keep
   slot s = absolute position s, which :class:`~var.models.kv_cache.KVCache` (filled from position 0) and
@@ -359,11 +360,13 @@ class LlamaGen(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The official initialisation: Linear and Embedding weights N(0, initializer_range), output head zero
-        (RMSNorm gains stay 1, ``uncond_embedding`` keeps its constructor draw)."""
+        """The official initialisation: Linear and Embedding weights N(0, initializer_range), output head zero,
+        RMSNorm gains 1 (``uncond_embedding``, a buffer, keeps its constructor draw)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.initializer_range)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
         nn.init.zeros_(self.output.weight)
 
     def num_params(self) -> int:
@@ -467,7 +470,6 @@ class LlamaGen(PretrainedMixin, nn.Module):
         """Feed image tokens (B, k) at absolute ``positions`` (B, k) (token j sits at T + j) on top of the
         cache; logits (B, k, V): row i predicts the token after ``tokens[:, i]``."""
         return self.logits(self.forward_hidden(self.embed_tokens(tokens), positions, mask, cache))
-
 
     # -- the RasterModel protocol (var/models/family.py): what the raster samplers use ------------------------
     @property
