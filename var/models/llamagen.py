@@ -17,7 +17,8 @@ Two ways to run it:
 * :meth:`LlamaGen.forward` (teacher forcing): the whole sequence at once, logits for every position;
 * :meth:`LlamaGen.forward_hidden` with a cache object: k >= 1 new rows at explicit absolute positions per row,
   causal among themselves, on top of the cached prefix; :meth:`LlamaGen.forward_positions` is the same for the
-  samplers (the :class:`~var.models.family.RasterModel` protocol, with :class:`Captions` for t2i).  :meth:`prefill` and :meth:`step` wrap it for
+  samplers (the :class:`~var.models.family.RasterModel` protocol, with :class:`Captions` for t2i).
+  :meth:`prefill` and :meth:`step` wrap it for
   condition rows and image tokens.  The cache speaks var/models/kv_cache.py's interface
   (``update(layer, k, v) -> (keys, values)``, optional ``after_attention(layer, q, k)``) and must keep
   slot s = absolute position s, which :class:`~var.models.kv_cache.KVCache` (filled from position 0) and
