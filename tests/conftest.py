@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from var.models.llamagen import LlamaGen, LlamaGenConfig
 from var.models.var import VAR, VARConfig
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 
@@ -72,6 +73,21 @@ def make_tiny_pair(seed: int = 0, **var_overrides) -> tuple[VQVAE, VAR]:
     model = VAR(tiny_var_config(**var_overrides))
     model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # large gates: every part of the block matters
     return vqvae, model.eval()
+
+
+def tiny_llamagen(seed: int = 0, **overrides) -> LlamaGen:
+    """A tiny class-conditional LlamaGen (the raster model of 'ar'/'sjd') in eval mode, with weights larger than
+    the official init (which zeroes the head, so every distribution would be uniform): the context matters."""
+    torch.manual_seed(seed)
+    base = dict(n_layer=2, n_head=2, dim=16, vocab_size=16, num_classes=3, block_size=16, multiple_of=8)
+    model = LlamaGen(LlamaGenConfig(**{**base, **overrides}))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+            elif isinstance(module, torch.nn.Embedding):
+                torch.nn.init.normal_(module.weight)
+    return model.eval()
 
 
 @pytest.fixture

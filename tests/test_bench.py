@@ -17,7 +17,8 @@ def test_bench_tiny_cpu_writes_report_and_plot(tmp_path):
         ("var", 1), ("var", 2), ("scalekv", 1), ("scalekv", 2), ("ar", 1), ("ar", 2), ("sjd", 1), ("sjd", 2)]
     assert all(r["img_per_s"] > 0 and r["sec"] <= r["median_sec"] for r in rows)
     assert rows[1]["kv_bytes"] == 2 * rows[0]["kv_bytes"]  # the cache grows linearly with the batch
-    assert rows[4]["passes"] == 16 and rows[6]["passes"] < 16  # tiny AR: a 4x4 token map, one token per pass
+    assert rows[4]["passes"] == 16 and rows[6]["passes"] < 16  # tiny LlamaGen: a 4x4 token map, one token per pass
+    assert rows[4]["architecture"] == "tiny LlamaGen" and rows[4]["depth"] == 2
     ratios = {(r["sampler"], r["B"]): r for r in report["vs_base"]}
     assert set(ratios) == {("scalekv", 1), ("scalekv", 2), ("sjd", 1), ("sjd", 2)}  # each against its own base
     assert ratios[("scalekv", 1)]["kv_ratio"] < 1
@@ -82,3 +83,20 @@ def test_gpu_acceptance_script_runs_every_part_on_tiny_models(tmp_path):
     assert any("KV bytes vs full cache" in name for name in summary["addons"]["checks"])
     assert {e["sampler"] for e in summary["sjd"]["vs_base"]} == {"sjd"}
     assert summary["fid"]["num_samples"] == 20 and summary["fid"]["extraction_images_per_s"] > 0
+
+
+def test_llamagen_bench_sizes_have_the_released_parameter_counts():
+    """The bench's LlamaGen rows are the released sizes: c2i at 1000 classes over the 16384-code VQ-16 (meta
+    device, nothing allocated).  GPT-B is exactly the released 110,888,448 values (spec 1.8)."""
+    import torch
+
+    from var.models.llamagen import LlamaGen, llamagen_config
+
+    released = {"GPT-B": 111e6, "GPT-L": 343e6, "GPT-XL": 775e6, "GPT-XXL": 1.4e9, "GPT-3B": 3.1e9}
+    counts = {}
+    for size in released:
+        with torch.device("meta"):
+            counts[size] = LlamaGen(llamagen_config(size, block_size=576)).num_params()
+    assert counts["GPT-B"] == 110_888_448
+    for size, expected in released.items():
+        assert abs(counts[size] - expected) / expected < 0.03, (size, counts[size])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import math
 import subprocess
 import sys
 import weakref
@@ -13,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_pair
+from conftest import make_tiny_pair, tiny_llamagen
 
 from var.bench import add_arguments as add_bench_arguments
 from var.cli import build_parser
 from var.eval.cli import SWEEPABLE, parse_sweep
-from var.models.ar import RasterAR
 from var.models.family import RasterModel, RasterTokenizer, ScaleModel, ScaleTokenizer
 from var.models.kv_cache import KVCache
+from var.models.llamagen import Captions, LlamaGen, attention_mask
 from var.models.var import VAR, VARConfig
 from var.sample import STATS
 from var.sample.logits import SamplingSettings, gumbel_max, gumbel_noise_at
@@ -116,8 +115,8 @@ def test_sample_help_names_the_samplers_of_each_option():
 def test_bench_takes_exactly_the_declared_options():
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
-    own = {"--device", "--dtype", "--tiny", "--depths", "--batch-sizes", "--samplers", "--warmup", "--runs",
-           "--no-decode", "--compile", "--out", "--help", "--infinity", "--resolution", "--aspect"}
+    own = {"--device", "--dtype", "--tiny", "--depths", "--llamagen-sizes", "--batch-sizes", "--samplers", "--warmup",
+           "--runs", "--no-decode", "--compile", "--out", "--help", "--infinity", "--resolution", "--aspect"}
     options = all_options()
     expected = declared_flags(SETTINGS) | {spec.flag for spec in options.values() if not spec.model}
     expected |= {f"{spec.flag}-depth" for spec in options.values() if spec.model}
@@ -173,8 +172,7 @@ def test_options_are_checked_by_their_declarations():
 def families():
     vqvae, model = make_tiny_pair()
     _, refiner = make_tiny_pair(5, depth=1, width=16, num_heads=1)
-    torch.manual_seed(0)
-    raster = RasterAR(depth=1, width=16, num_heads=2, vocab_size=16, num_classes=3, side=4).eval()
+    raster = tiny_llamagen(n_layer=1)
     return vqvae, model, refiner, raster
 
 
@@ -251,51 +249,28 @@ def test_gumbel_noise_is_an_option_of_every_sampler_that_draws(families):
     assert not torch.equal(other.indices[0], raster_plain.indices[0])
 
 
-class PrefixedAR(RasterAR):
-    """A raster model with T = 3 condition positions (as LlamaGen's text prefix): the class embedding plus a
-    learned offset per condition position, then the image tokens; positions index one table of T + N rows."""
-
-    prefix = 3
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        width, length = self.config.width, self.prefix + self.config.seq_len
-        self.prefix_embed = torch.nn.Parameter(torch.randn(self.prefix, width) * 0.5)
-        self.sequence_embed = torch.nn.Parameter(torch.randn(length, width) / math.sqrt(width))
-
-    def condition_length(self, cond):
-        return self.prefix
-
-    def forward_positions(self, cond, tokens, positions, cache, attn_mask=None):
-        image = self.token_embed(tokens.clamp(min=0))
-        prefix = cond.unsqueeze(1) + self.prefix_embed[positions.clamp(max=self.prefix - 1)]
-        x = torch.where((positions < self.prefix).unsqueeze(-1), prefix, image) + self.sequence_embed[positions]
-        return self.forward_hidden(x, cond, attn_mask, cache)
-
-
 def test_raster_samplers_handle_a_condition_prefix(families):
-    """With T > 1 condition positions (pre-filled once, causally), plain raster sampling equals a teacher-forced
-    causal pass over prefix + tokens, and SJD equals plain sampling (Gumbel mode: tokens are functions of the
-    logits)."""
+    """With T > 1 condition positions (a t2i LlamaGen's caption, left padded with a mask; pre-filled once,
+    causally), plain raster sampling equals a teacher-forced pass over caption + tokens, and SJD equals plain
+    sampling (Gumbel mode: tokens are functions of the logits)."""
     vqvae = families[0]
-    torch.manual_seed(3)
-    model = PrefixedAR(depth=2, width=16, num_heads=2, vocab_size=16, num_classes=3, side=4,
-                       drop_path_rate=0.0).eval()
+    model = tiny_llamagen(3, model_type="t2i", cls_token_num=3, caption_dim=8)
+    captions = Captions(torch.randn(2, 3, 8), torch.tensor([[1, 1, 1], [0, 0, 1]]))
+    captions.features[1, :2] = 0  # left padding: padded rows are zeros
     settings = SamplingSettings(cfg=1.0, top_k=0, top_p=0.0)
-    plain = build_sampler("ar", model, vqvae, settings, gumbel=True).sample([0, 2], seed=9)
+    plain = build_sampler("ar", model, vqvae, settings, gumbel=True).sample(captions, seed=9)
     tokens = plain.indices[0]
     assert plain.stats["passes"] == 1 + 16  # the prefill, then one pass per token
     with torch.no_grad():
-        cond = model.condition(torch.tensor([0, 2]), guided=True)  # conditional rows, then the null class
-        length = 3 + 16 - 1  # every condition position and every token but the last
-        positions = torch.arange(length).expand(4, -1)
-        fed = torch.cat((torch.zeros(2, 3, dtype=torch.long), tokens[:, :-1]), dim=1).repeat(2, 1)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        logits = model.logits(model.forward_positions(cond, fed, positions, None, causal), cond)[:, 2:]
-        guided = 2 * logits[:2] - logits[2:]  # (1 + cfg) cond - cfg uncond
+        null = model.null_condition(2)
+        rows = torch.cat((captions.features, null)), captions.mask.repeat(2, 1)  # the caption, then the null one
+        length = 3 + 16
+        mask = attention_mask(torch.arange(length - 1).expand(4, -1), length - 1, rows[1])
+        logits = model(rows[0], tokens[:, :-1].repeat(2, 1), mask)[:, 2:]
+        guided = logits[2:] + (logits[:2] - logits[2:]) * 2.0  # uncond + s (cond - uncond), s = 1 + cfg
         noise = gumbel_noise_at(9, torch.arange(16).expand(2, -1), 16)
     assert torch.equal(gumbel_max(guided, noise), tokens)
-    fast = build_sampler("sjd", model, vqvae, settings, gumbel=True, sjd_window=5).sample([0, 2], seed=9)
+    fast = build_sampler("sjd", model, vqvae, settings, gumbel=True, sjd_window=5).sample(captions, seed=9)
     assert torch.equal(fast.indices[0], tokens) and fast.stats["passes"] < plain.stats["passes"]
 
 
@@ -303,12 +278,12 @@ def test_raster_samplers_handle_a_condition_prefix(families):
 # reproducible model construction
 BUILD = """
 import hashlib, sys, torch
-from var.models.ar import RasterAR
+from var.models.llamagen import LlamaGen
 from var.models.var import VAR, VARConfig
 torch.manual_seed(3)
 var = VAR(VARConfig(depth=2, width=32, num_heads=2, vocab_size=16, z_channels=4, num_classes=3,
                     patch_nums=(1, 2, 3), shared_aln=True))
-ar = RasterAR(depth=1, width=16, num_heads=2, vocab_size=16, num_classes=3, side=3)
+ar = LlamaGen(n_layer=1, dim=16, n_head=2, vocab_size=16, num_classes=3, block_size=9)
 digest = hashlib.sha256()
 for model in (var, ar):
     for name, tensor in sorted(model.state_dict().items()):
@@ -332,7 +307,7 @@ def test_init_weights_draws_every_parameter(shared_aln):
     """Nothing keeps a value from construction: after init_weights no NaN planted before survives."""
     for model in (VAR(VARConfig(depth=2, width=32, num_heads=2, vocab_size=16, z_channels=4, num_classes=3,
                                 patch_nums=(1, 2, 3), shared_aln=shared_aln)),
-                  RasterAR(depth=1, width=16, num_heads=2, vocab_size=16, num_classes=3, side=3)):
+                  LlamaGen(n_layer=1, dim=16, n_head=2, vocab_size=16, num_classes=3, block_size=9)):
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.fill_(float("nan"))

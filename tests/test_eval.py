@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_pair, tiny_vqvae_config
+from conftest import make_tiny_pair, tiny_llamagen, tiny_vqvae_config
 from torch_fidelity import calculate_metrics
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
@@ -36,7 +36,6 @@ from var.eval.fidelity import (
 from var.eval.images import ImageFolder, Samples, load_samples, save_npz_samples, save_pngs
 from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 from var.eval.reference import ReferenceSource
-from var.models.ar import ARConfig, RasterAR
 from var.tokenizers.vqvae import VQVAE
 from var.utils import to_uint8
 
@@ -386,7 +385,7 @@ def test_eval_samples_the_raster_ar_for_ar_samplers(tmp_path):
     torch.manual_seed(0)
     bundle = tmp_path / "ar_bundle"
     save_model(VQVAE(tiny_vqvae_config(patch_nums=(4,))), bundle)
-    save_model(RasterAR(ARConfig(depth=1, width=32, num_heads=2, vocab_size=16, num_classes=3, side=4)), bundle)
+    save_model(tiny_llamagen(n_layer=1, dim=32), bundle, "ar")
     for sampler in ("ar", "sjd"):
         out = tmp_path / sampler
         main(["eval", "--ckpt", str(bundle), "--sampler", sampler, "--device", "cpu", "--per-class", "2",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from var.models.ar import RasterAR
+from var.models.llamagen import LlamaGen
 from var.models.var import VAR, VARConfig
 from var.sample.logits import SamplingSettings
 from var.sample.registry import build_sampler
@@ -57,8 +57,8 @@ def models() -> dict[str, torch.nn.Module]:
                             patch_nums=PATCH_NUMS, drop_path_rate=0.0))
     refiner = VAR(VARConfig(depth=1, width=16, num_heads=1, vocab_size=16, z_channels=4, num_classes=3,
                             patch_nums=PATCH_NUMS, drop_path_rate=0.0))
-    raster = RasterAR(depth=2, width=16, num_heads=2, vocab_size=16, num_classes=3, side=PATCH_NUMS[-1],
-                      drop_path_rate=0.0)
+    raster = LlamaGen(n_layer=2, dim=16, n_head=2, vocab_size=16, num_classes=3, block_size=PATCH_NUMS[-1] ** 2,
+                      multiple_of=8)
     # a 4-code model over three scales, where speculation accepts drafted scales
     small_vqvae = VQVAE(VQVAEConfig(vocab_size=4, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1,
                                     norm_groups=4, patch_nums=SMALL_PATCH_NUMS))

@@ -217,9 +217,9 @@ def test_after_attention_hook_sees_scaled_queries_and_all_keys():
 def test_condition_checks_and_null_conditions():
     c2i, t2i = tiny_llamagen("c2i"), tiny_llamagen("t2i")
     with pytest.raises(ValueError, match="label 4 is out of range"):
-        c2i.condition(torch.tensor([0, 4]))
+        c2i.condition_rows(torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"caption features \(B, 4, 8\)"):
-        t2i.condition(torch.zeros(2, 5, 8))
+        t2i.condition_rows(torch.zeros(2, 5, 8))
     assert c2i.null_condition(2).tolist() == [3, 3]
     null = t2i.null_condition(2)
     assert null.shape == (2, 4, 8) and torch.equal(null[1], t2i.cls_embedding.uncond_embedding)
@@ -267,5 +267,5 @@ def test_vq_round_trip_and_nearest_normalised_code():
     assert images_out.shape == (2, 3, 16, 16) and images_out.min() >= -1 and images_out.max() <= 1
     with pytest.raises(ValueError, match="multiple of the downsampling factor 2"):
         vq.encode_latent(torch.zeros(1, 3, 15, 16))
-    with pytest.raises(ValueError, match="square raster token maps"):
+    with pytest.raises(ValueError, match="raster token maps"):
         vq.tokens_to_latent(torch.zeros(1, 10, dtype=torch.long))

@@ -6,8 +6,8 @@ and every size comes from config.json, so any fixture set of that layout is chec
 is fed the stored inputs of that stage, so an error upstream does not cascade.  Models are loaded through the
 release-file loaders (var/checkpoints_llamagen.py), so the inferred architecture is checked too.
 
-Sampling (``cases[m]["generate"]``: CFG, top-k/top-p, seeded draws) is the samplers' part; here the
-unguided runs are only replayed by teacher forcing, a check of the model on the tokens the official code chose.
+Sampling (``cases[m]["generate"]``: CFG, cfg_interval, top-k/top-p, seeded draws) goes through our samplers
+(``ar``, and ``sjd`` on the greedy runs): the tokens must equal the official ones exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from var.checkpoints_llamagen import (
     load_llamagen_vq,
 )
 from var.models.kv_cache import KVCache
-from var.models.llamagen import LlamaGen, attention_mask
+from var.models.llamagen import Captions, LlamaGen, attention_mask
+from var.sample.logits import SamplingSettings
+from var.sample.registry import build_sampler
 
 DEFAULT_FIXTURES = SHARED / "fixtures" / "official_llamagen_small"
 FIXTURES = Path(os.environ.get("LLAMAGEN_PARITY_FIXTURES", DEFAULT_FIXTURES))
@@ -209,3 +211,58 @@ def test_parity_unguided_generation_logits_by_teacher_forcing(fixture, family):
         mask = text_mask if run.get("uses_emb_masks", True) else None
         logits = cached_logits(models[family], cond, run["tokens"].long(), mask)
         assert _max_diff(logits, run["step_logits"]) <= LOGITS_ATOL
+
+
+# -- sampling: the official generate() through our samplers ------------------------------------------------
+def _settings(run: dict) -> SamplingSettings:
+    """Our settings for an official generate() run: cfg = cfg_scale - 1 (the same guidance, VAR's meaning of
+    cfg); a greedy run (sample_logits False, argmax) is top_k = 1, one code left to draw."""
+    kwargs = run["kwargs"]
+    greedy = not kwargs["sample_logits"]
+    return SamplingSettings(
+        cfg=max(kwargs["cfg_scale"] - 1.0, 0.0), cfg_interval=run["cfg_interval"],
+        temperature=1.0 if greedy else kwargs["temperature"], top_k=1 if greedy else kwargs["top_k"],
+        top_p=kwargs["top_p"],
+    )
+
+
+def _generate_runs(cases: dict) -> list[tuple[str, str]]:
+    return [(family, name) for family in ("c2i", "t2i") for name in cases[family]["generate"]]
+
+
+@pytest.mark.parametrize("sampler", ["ar", "sjd"])
+def test_parity_generate_tokens_exact(fixture, sampler):
+    """Seeded sampling reproduces the official generate() tokens exactly, for every run of the fixture (CFG,
+    cfg_interval, temperature, top-k, top-p; c2i and t2i with and without caption masks), and the guided step
+    logits match the official ones.  ``sjd`` is checked in distribution by the chi-square tests; here it must
+    give the official greedy (top_k = 1) tokens."""
+    _, cases, models, vq = fixture
+    for family, name in _generate_runs(cases):
+        run = cases[family]["generate"][name]
+        greedy = not run["kwargs"]["sample_logits"] or run["kwargs"]["top_k"] == 1
+        if sampler == "sjd" and not greedy:
+            continue
+        cond, text_mask = _condition(cases, family)
+        if family == "t2i":
+            cond = Captions(cond, text_mask if run.get("uses_emb_masks", True) else None)
+        options = {"sjd_window": 4} if sampler == "sjd" else {}
+        out = build_sampler(sampler, models[family], vq, _settings(run), **options).sample(
+            cond, seed=max(run["seed"], 0), decode=False, record_logits=sampler == "ar")
+        assert torch.equal(out.indices[0], run["tokens"].long()), f"{family} {name}: tokens differ"
+        if sampler == "ar":
+            step_logits = torch.cat(out.guided_logits, dim=1)
+            assert _max_diff(step_logits, run["step_logits"]) <= LOGITS_ATOL, f"{family} {name}"
+
+
+def test_parity_generate_probs(fixture):
+    """The distribution our rule draws from is the official step_probs (after temperature, top-k, top-p)."""
+    _, cases, models, vq = fixture
+    for family, name in _generate_runs(cases):
+        run = cases[family]["generate"][name]
+        if "step_probs" not in run:
+            continue
+        sampler = build_sampler("ar", models[family], vq, _settings(run))
+        batch, length = run["tokens"].shape
+        positions = torch.arange(length).expand(batch, -1)
+        probs = sampler.rule.process(run["step_logits"], sampler.settings, positions).softmax(dim=-1)
+        assert _max_diff(probs, run["step_probs"]) <= 1e-5, f"{family} {name}"

@@ -11,7 +11,7 @@ from conftest import make_tiny_pair, put_in_fake_hub, tiny_vqvae_config
 
 from var import hub
 from var.checkpoints import var_to_official, vqvae_to_official
-from var.models.ar import RasterAR
+from var.models.llamagen import LlamaGen
 from var.models.var import VAR
 from var.pretrained import load_pipeline, save_pipeline
 from var.sample.logits import SamplingSettings
@@ -26,7 +26,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_model_round_trip(tmp_path):
     vqvae, model = make_tiny_pair()
-    ar = RasterAR(depth=1, width=16, num_heads=2, vocab_size=16, num_classes=3, side=4).eval()
+    ar = LlamaGen(n_layer=1, dim=16, n_head=2, vocab_size=16, num_classes=3, block_size=16).eval()
     for original in (vqvae, model, ar):
         folder = original.save_pretrained(tmp_path / type(original).__name__)
         assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.safetensors"]
@@ -84,8 +84,8 @@ def test_from_pretrained_by_released_name(tmp_path, monkeypatch):
 
     assert _same_weights(VAR.from_pretrained("var-d16"), model)
     assert _same_weights(VQVAE.from_pretrained("var-d16"), vqvae)
-    with pytest.raises(ValueError, match="holds a VAR, not a RasterAR"):
-        RasterAR.from_pretrained("var-d16")
+    with pytest.raises(ValueError, match="holds a VAR, not a LlamaGen"):
+        LlamaGen.from_pretrained("var-d16")
     _, loaded, settings = load_pipeline("var-d16")
     assert settings == SamplingSettings(cfg=1.5, top_k=900, top_p=0.96)
     assert _same_weights(loaded, model)

@@ -15,12 +15,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_tiny_pair
+from conftest import make_tiny_pair, tiny_llamagen
 from scipy.stats import chisquare
 
 from var.checkpoints import save_model
 from var.cli import main
-from var.models.ar import RasterAR
 from var.models.var import VAR, VARConfig
 from var.sample import speculative
 from var.sample.logits import SamplingSettings, gumbel_max, gumbel_noise
@@ -78,16 +77,13 @@ def chi_square_p(codes: torch.Tensor, exact: torch.Tensor) -> float:
 # raster AR: side 2 (4 tokens), 4^4 = 256 outcomes
 @pytest.fixture(scope="module")
 def tiny_ar():
-    torch.manual_seed(0)
-    model = RasterAR(depth=2, width=8, num_heads=1, mlp_ratio=1.0, vocab_size=VOCAB, num_classes=3, side=2,
-                     drop_path_rate=0.0)
-    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # large gates: the context matters
-    model.eval()
+    model = tiny_llamagen(n_layer=2, n_head=1, dim=8, vocab_size=VOCAB, block_size=4)
     vqvae = tiny_tokenizer((1, 2))
     sequences = torch.tensor(list(itertools.product(range(VOCAB), repeat=4)))  # (256, 4)
     with torch.no_grad():
         labels = torch.ones(len(sequences), dtype=torch.long)
-        logits = torch.cat((model(labels, sequences), model(torch.full_like(labels, 3), sequences)))
+        fed = sequences[:, :-1]  # row j of the teacher-forced logits predicts token j (T = 1)
+        logits = torch.cat((model(labels, fed), model(torch.full_like(labels, 3), fed)))
         probs = ARSampler(model, vqvae, SETTINGS).target_probs(logits)  # (256, 4, V)
     exact = probs.gather(-1, sequences.unsqueeze(-1)).squeeze(-1).prod(dim=1)
     return model, vqvae, exact
@@ -132,8 +128,7 @@ def test_sjd_broken_variants_are_detected(tiny_ar, monkeypatch, variant):
 
 def test_sjd_greedy_equals_plain_greedy_in_fewer_passes():
     """With top-k 1 both samplers are deterministic: SJD must return the same tokens, in fewer passes."""
-    torch.manual_seed(1)
-    model = RasterAR(depth=2, width=16, num_heads=2, vocab_size=8, num_classes=3, side=4, drop_path_rate=0.0).eval()
+    model = tiny_llamagen(1, vocab_size=8)
     vqvae = VQVAE(VQVAEConfig(vocab_size=8, z_channels=4, ch=2, ch_mult=(1,), num_res_blocks=0, norm_groups=1,
                               use_attn=False, use_mid_attn=False, patch_nums=(1, 2, 4))).eval()
     greedy = SamplingSettings(cfg=2.0, top_k=1, top_p=0.0)
@@ -147,16 +142,13 @@ def test_sjd_greedy_equals_plain_greedy_in_fewer_passes():
 
 def test_ragged_cache_windows_equal_teacher_forcing():
     """Rows at different lengths, each with its own window and rollback, see exactly their causal prefix."""
-    torch.manual_seed(0)
-    model = RasterAR(depth=2, width=16, num_heads=2, vocab_size=8, num_classes=3, side=3, drop_path_rate=0.0)
-    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)
-    model.eval()
+    model = tiny_llamagen(vocab_size=8, block_size=9)
     tokens, labels = torch.randint(0, 8, (3, 9)), torch.tensor([0, 1, 2])
     window, offsets = 3, torch.arange(3)
     with torch.no_grad():
-        teacher = model(labels, tokens)
-        cond = model.class_condition(labels)
-        cache = RaggedKVCache(model.config.depth, capacity=9 + window, rows=3)
+        teacher = model(labels, tokens[:, :-1])  # row j predicts token j (T = 1)
+        cond = model.condition(labels, guided=False)
+        cache = RaggedKVCache(model.depth, capacity=9 + window, rows=3)
         lengths = torch.zeros(3, dtype=torch.long)
         for accepted in ([1, 3, 2], [2, 1, 3], [3, 2, 1]):
             accepted = torch.tensor(accepted).unsqueeze(1)
@@ -164,7 +156,7 @@ def test_ragged_cache_windows_equal_teacher_forcing():
             true_inputs = tokens.gather(1, (positions - 1).clamp(min=0))
             wrong_inputs = (true_inputs + 1) % 8  # rejected drafts
             fed = torch.where(offsets < accepted, true_inputs, wrong_inputs)
-            hidden = model.forward_hidden(model.inputs_at(cond, fed, positions), cond, cache.open_window(window), cache)
+            hidden = model.forward_positions(cond, fed, positions, cache, cache.open_window(window))
             logits = model.logits(hidden, cond)
             correct = (offsets < accepted).unsqueeze(-1).expand_as(logits)  # outputs of all-true prefixes
             expected = teacher.gather(1, positions.unsqueeze(-1).expand(-1, -1, 8))
@@ -288,7 +280,7 @@ def test_small_block_policy_limits_passes(tiny_pair):
 # entry points
 def test_registry_builds_every_sampler_and_rejects_bad_options(tiny_pair):
     vqvae, model = tiny_pair
-    ar = RasterAR(depth=1, width=16, num_heads=2, vocab_size=16, num_classes=3, side=4).eval()
+    ar = tiny_llamagen(n_layer=1)
     assert isinstance(build_sampler("sjd", ar, vqvae, sjd_window=4, draft_init="left"), SJDSampler)
     assert isinstance(build_sampler("sjd-scale", model, vqvae, spec_scales=2, gumbel=True), ScaleSpeculativeSampler)
     assert model_name_for("sjd") == "ar" and model_name_for("sjd-scale") == "var"
@@ -298,7 +290,7 @@ def test_registry_builds_every_sampler_and_rejects_bad_options(tiny_pair):
         build_sampler("var", model, vqvae, spec_scales=3)
     with pytest.raises(ValueError, match="needs a VAR model"):
         build_sampler("sjd-scale", ar, vqvae)
-    with pytest.raises(ValueError, match="needs the raster AR baseline"):
+    with pytest.raises(ValueError, match="needs a raster model: LlamaGen"):
         build_sampler("sjd", model, vqvae)
     with pytest.raises(ValueError, match="unknown draft_init 'below'"):
         build_sampler("sjd", ar, vqvae, draft_init="below")
@@ -310,10 +302,10 @@ def test_registry_builds_every_sampler_and_rejects_bad_options(tiny_pair):
 
 def test_cli_samples_the_ar_baseline_and_both_speculative_samplers(tmp_path, capsys):
     vqvae, model = make_tiny_pair()
-    ar = RasterAR(depth=2, width=16, num_heads=2, vocab_size=16, num_classes=3, side=4).eval()
+    ar = tiny_llamagen()
     bundle = tmp_path / "bundle"
-    for module in (vqvae, model, ar):
-        save_model(module, bundle)
+    for module, name in ((vqvae, "vqvae"), (model, "var"), (ar, "ar")):
+        save_model(module, bundle, name)
     common = ["sample", "--ckpt", str(bundle), "--device", "cpu", "--labels", "0", "2", "1"]
     for extra in (["--sampler", "ar"], ["--sampler", "sjd", "--sjd-window", "4", "--draft-init", "left"],
                   ["--sampler", "sjd-scale", "--spec-scales", "2", "--spec-max-tokens", "9", "--gumbel"]):

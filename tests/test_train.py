@@ -267,10 +267,11 @@ def test_var_training_reduces_loss_and_writes_a_bundle(tmp_path, tokenizer_bundl
 def test_raster_ar_training_uses_single_scale_tokens(tmp_path, tokenizer_bundle):
     trainer = ARTrainer(tiny_experiment("var.train.sample_every=30"), tmp_path / "ar",
                                  tokenizer=tokenizer_bundle, progress=False)
-    assert trainer.tokenizer.patch_nums == (4,) and trainer.model_config.seq_len == 16
+    assert trainer.tokenizer.patch_nums == (4,) and trainer.model_config.block_size == 16
+    assert type(trainer.model_config).__name__ == "LlamaGenConfig" and trainer.model_config.n_layer == 2
     first = trainer.fit()["loss"]
     bundle = tmp_path / "ar" / "checkpoints" / "step_0000030"
-    assert load_model(bundle, "ar").config.side == 4 and load_model(bundle, "vqvae").patch_nums == (4,)
+    assert load_model(bundle, "ar").grid == (4, 4) and load_model(bundle, "vqvae").patch_nums == (4,)
     assert (tmp_path / "ar" / "samples" / "step_0000030.png").is_file()
     vqvae, ar = load_pair(tmp_path / "ar", var_name="ar")  # what 'var sample --sampler ar' loads
     samples = ARSampler(ar, vqvae, SamplingSettings(top_k=0, top_p=0.0)).sample([0, 1], seed=0)

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from var.argtypes import integer
-from var.models.ar import ARConfig, RasterAR
 from var.models.family import ScaleSchedule
 from var.models.infinity import INFINITY_SIZES, Infinity, InfinityConfig, PackedText
 from var.models.infinity_schedules import parse_aspect, schedule_for
-from var.models.var import VARConfig, build_var
+from var.models.llamagen import LLAMAGEN_SIZES, LlamaGen, llamagen_config
+from var.models.var import build_var
 from var.sample.arguments import SETTINGS, settings_from_args
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, given_options
@@ -42,12 +42,18 @@ from var.sample.registry import (
     sampler_options,
 )
 from var.tokenizers.bsq import BSQConfig, BSQTokenizer
+from var.tokenizers.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import atomic_write_text, autocast, compile_for_sampling, resolve_device
 
 ANCHORS = Path(__file__).resolve().parents[1] / "benchmarks" / "official_h100.json"
 TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4))
 TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
+# raster rows: LlamaGen c2i at 256 px with its VQ-16 (16x16 tokens); --tiny: 4x4 tokens over a 64-code VQ
+LLAMAGEN_BENCH_SIZES = ("GPT-B", "GPT-L", "GPT-XL")
+TINY_LLAMAGEN = dict(n_layer=2, n_head=2, dim=64, vocab_size=64, num_classes=10, block_size=16)
+TINY_LLAMAGEN_VQ = dict(codebook_size=64, z_channels=8, ch=32, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),
+                        num_res_blocks=1)
 
 
 def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
@@ -70,22 +76,12 @@ def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs
     return times
 
 
-def build_models(depth: int, tiny: bool, device: torch.device, raster: bool = False) -> tuple[nn.Module, VQVAE]:
-    """Random-weight transformer of ``depth`` and a VQ-VAE (official sizes, or tiny ones), built on ``device``.
-
-    ``raster`` builds the raster AR baseline instead of VAR: same depth rule (d16: ~300M parameters) over
-    the finest token map, with a single-scale tokenizer of the same size to decode it.
-    """
+def build_models(depth: int, tiny: bool, device: torch.device) -> tuple[nn.Module, VQVAE]:
+    """Random-weight VAR of ``depth`` and a VQ-VAE (official sizes, or tiny ones), built on ``device``."""
     var_sizes, vqvae_sizes = (dict(TINY_VAR), dict(TINY_VQVAE)) if tiny else ({}, {})
     with torch.device(device):
-        if raster:
-            patch_nums = var_sizes.pop("patch_nums", VARConfig().patch_nums)
-            var_sizes.pop("z_channels", None)
-            model = RasterAR(ARConfig(depth=depth, side=patch_nums[-1], **var_sizes))
-            vqvae = VQVAE(VQVAEConfig(**{**vqvae_sizes, "patch_nums": (patch_nums[-1],)}))
-        else:
-            model = build_var(depth, **var_sizes)
-            vqvae = VQVAE(VQVAEConfig(**vqvae_sizes))
+        model = build_var(depth, **var_sizes)
+        vqvae = VQVAE(VQVAEConfig(**vqvae_sizes))
     return model.eval().requires_grad_(False), vqvae.eval().requires_grad_(False)
 
 
@@ -124,6 +120,18 @@ def random_prompts(model: Infinity, batch_size: int, device: torch.device) -> Pa
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(batch_size * PROMPT_TOKENS, model.config.text_channels, generator=generator)
     return PackedText(features.to(device), (PROMPT_TOKENS,) * batch_size)
+
+
+def build_llamagen_models(size: str, tiny: bool, device: torch.device) -> tuple[LlamaGen, LlamaGenVQ]:
+    """Random-weight LlamaGen c2i of a named size (GPT-B ...; 256 px, 16x16 tokens) and its VQ-16 tokenizer
+    (or tiny ones), built on ``device``.  The output head is drawn like the other weights (the official init
+    zeroes it, which would make every distribution uniform and speculative acceptance meaningless)."""
+    config = llamagen_config("GPT-B", **TINY_LLAMAGEN) if tiny else llamagen_config(size, block_size=256)
+    with torch.device(device):
+        model = LlamaGen(config)
+        torch.nn.init.normal_(model.output.weight, std=config.initializer_range)
+        vq = LlamaGenVQ(LlamaGenVQConfig(**(TINY_LLAMAGEN_VQ if tiny else {})))
+    return model.eval().requires_grad_(False), vq.eval().requires_grad_(False)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -289,7 +297,7 @@ def anchor_ratios(rows: list[dict], anchors: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Throughput and peak memory against batch size, one line per configuration (sampler, depth, options)."""
+    """Throughput and peak memory against batch size, one line per configuration (sampler, model, options)."""
     from var.plots import HIGHER, LOWER, better_title, byte_scale, pyplot, save_figure
 
     measured = [row for row in rows if "img_per_s" in row]
@@ -302,7 +310,8 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for row in measured:
         options = " ".join(f"{key}={value}" for key, value in _settings_of(row).items())
-        series.setdefault(f"{row['sampler']} d{row['depth']} {options}".strip(), []).append(row)
+        model = row.get("architecture", f"d{row['depth']}")
+        series.setdefault(f"{row['sampler']} {model} {options}".strip(), []).append(row)
     plt = pyplot()
     fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.4))
     for label, points in sorted(series.items()):
@@ -323,7 +332,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_title(better_title(title, better), fontsize=10)
         axis.grid(alpha=0.3)
     if series:
-        fig.legend(title="sampler, depth, options", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        fig.legend(title="sampler, model, options", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle("Sampling speed and memory by batch size (random weights; min over timed runs)")
     save_figure(fig, path, dpi=120)
 
@@ -347,14 +356,20 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
     return rows
 
 
-def bench_depth(depth: int, raster: bool, names: list[str], args: argparse.Namespace,
+def bench_depth(depth: int | str, raster: bool, names: list[str], args: argparse.Namespace,
                 settings: SamplingSettings, device: torch.device) -> list[dict]:
-    """Rows of every sampler in ``names`` (all for one model family) and batch size at one depth."""
-    model, vqvae = build_models(depth, args.tiny, device, raster)
+    """Rows of every sampler in ``names`` (all for one model family) and batch size at one VAR depth, or one
+    LlamaGen size for the raster samplers."""
+    if raster:
+        model, tokenizer = build_llamagen_models(depth, args.tiny, device)
+        labels = {"depth": model.depth, "architecture": "tiny LlamaGen" if args.tiny else f"LlamaGen {depth}"}
+    else:
+        model, tokenizer = build_models(depth, args.tiny, device)
+        labels = {"depth": depth}
     if args.compile:
-        compile_for_sampling(model, vqvae, args.compile)
-    rows = bench_samplers(model, vqvae, names, args, settings, device, depth=depth)
-    del model, vqvae  # the next model's peak memory must not include this one's weights
+        compile_for_sampling(model, tokenizer, args.compile)
+    rows = bench_samplers(model, tokenizer, names, args, settings, device, **labels)
+    del model, tokenizer  # the next model's peak memory must not include this one's weights
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -368,11 +383,10 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     settings = settings_from_args(args)
     rows = []
-    for depth in args.depths:
-        for raster in (False, True):
-            names = [text for text in args.samplers if (model_name_for(parse_sampler_spec(text)[0]) == "ar") == raster]
-            if names:
-                rows += bench_depth(depth, raster, names, args, settings, device)
+    for raster, models in ((False, args.depths), (True, args.llamagen_sizes)):
+        names = [text for text in args.samplers if (model_name_for(parse_sampler_spec(text)[0]) == "ar") == raster]
+        for model in models if names else ():
+            rows += bench_depth(model, raster, names, args, settings, device)
     for size in args.infinity or []:
         # next-scale samplers without a model-valued option (a random CoDe refiner is a VAR)
         names = [text for text in args.samplers if model_name_for(parse_sampler_spec(text)[0]) != "ar"
@@ -413,8 +427,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=integer(1), nargs="+", help="default: 1 16 64 256 (tiny: 1 4)")
     parser.add_argument("--samplers", nargs="+", default=["var"], metavar="NAME[:OPTION=VALUE,...]",
                         help=f"samplers ({', '.join(SAMPLER_NAMES)}), each optionally with its own options, e.g. "
-                        "scalekv:kv_budget=0.2; 'code' gets a random refiner of --refiner-depth; 'ar'/'sjd' run a "
-                        "raster AR baseline of the same depth (d16: ~300M parameters)")
+                        "scalekv:kv_budget=0.2; 'code' gets a random refiner of --refiner-depth; 'ar'/'sjd' run "
+                        "LlamaGen c2i models of --llamagen-sizes")
+    parser.add_argument("--llamagen-sizes", nargs="+", choices=list(LLAMAGEN_SIZES), metavar="SIZE",
+                        help=f"LlamaGen sizes for 'ar'/'sjd' ({', '.join(LLAMAGEN_SIZES)}; default: "
+                             f"{' '.join(LLAMAGEN_BENCH_SIZES)}; --tiny: one tiny model), 256 px with VQ-16")
     parser.add_argument("--infinity", nargs="+", choices=list(INFINITY_SIZES), metavar="SIZE",
                         help=f"also bench random-weight Infinity models ({', '.join(INFINITY_SIZES)}; --tiny: a tiny "
                              "one per name) on random prompts, with the next-scale samplers of --samplers")
@@ -442,6 +459,8 @@ def finalize_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.depths = [2] if args.tiny else [16, 20, 24, 30]
     if args.batch_sizes is None:
         args.batch_sizes = [1, 4] if args.tiny else [1, 16, 64, 256]
+    if args.llamagen_sizes is None or args.tiny:
+        args.llamagen_sizes = ["tiny"] if args.tiny else list(LLAMAGEN_BENCH_SIZES)
     if args.tiny:
         for name in MODEL_OPTIONS:
             setattr(args, f"{name}_depth", min(getattr(args, f"{name}_depth"), 1))

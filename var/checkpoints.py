@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from var.models.ar import ARConfig, RasterAR
+from var.models.llamagen import LlamaGen, LlamaGenConfig
 from var.models.var import VAR, VARConfig, block_causal_mask, patch_nums_from_tokens
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
 from var.utils import atomic_write, atomic_write_text
@@ -309,8 +309,8 @@ def tokenizer_fingerprint(tokenizer: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def check_pair(vqvae: VQVAE, var: VAR | RasterAR, force_tokenizer: bool = False) -> None:
-    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster AR baseline) cannot work together:
+def check_pair(vqvae: VQVAE, var: VAR | LlamaGen, force_tokenizer: bool = False) -> None:
+    """Raise a ValueError when a tokenizer and a transformer (VAR, or the raster LlamaGen) cannot work together:
     shapes that do not fit, or (unless ``force_tokenizer``) a tokenizer other than the one it was trained on."""
     var.check_tokenizer(vqvae)
     recorded = getattr(var, "tokenizer_fingerprint", None)
@@ -329,7 +329,7 @@ def check_pair(vqvae: VQVAE, var: VAR | RasterAR, force_tokenizer: bool = False)
 MODEL_KINDS: dict[str, tuple[type, type]] = {
     "var": (VAR, VARConfig),
     "vqvae": (VQVAE, VQVAEConfig),
-    "ar": (RasterAR, ARConfig),
+    "llamagen": (LlamaGen, LlamaGenConfig),  # the raster model: 'var train --model ar' writes it as ar.*
 }
 
 
@@ -375,7 +375,9 @@ def load_model(directory: str | os.PathLike, name: str, map_location: str | torc
         raise ValueError(f"{meta_path} is not valid JSON ({error}); the checkpoint is damaged") from None
     if not isinstance(meta, dict) or meta.get("kind") not in MODEL_KINDS:
         kind = meta.get("kind") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path}: unknown model kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
+        hint = ("; kind 'ar' was the old raster baseline, replaced by the LlamaGen architecture: retrain it with "
+                "'var train --model ar'") if kind == "ar" else ""
+        raise ValueError(f"{meta_path}: unknown model kind {kind!r} (expected one of {', '.join(MODEL_KINDS)}){hint}")
     model_cls, config_cls = MODEL_KINDS[meta["kind"]]
     try:
         config = config_cls(**meta.get("config", {}))

@@ -114,6 +114,20 @@ def _load_on_meta(model_cls: type[nn.Module], config, weights: Mapping[str, torc
 
 # --------------------------------------------------------------------------------------------------
 # GPT
+RELEASE_MARKERS = ("tok_embeddings.weight", "layers.0.attention.wqkv.weight",  # GPT
+                   "encoder.conv_blocks.0.res.0.conv1.weight")  # VQ (VAR's VQ-VAE names it encoder.down...)
+
+
+def is_llamagen_release(source: str | os.PathLike | Mapping) -> bool:
+    """Whether an official file (or state dict) is a LlamaGen GPT or VQ, told from its keys (safe read; zip
+    files are memory-mapped, so this costs no copy of the weights).  A missing path is not one (its loader says
+    it is missing)."""
+    if not isinstance(source, Mapping) and not Path(source).is_file():
+        return False
+    weights = read_release_file(source).weights
+    return any(key in weights for key in RELEASE_MARKERS)
+
+
 def _layer_count(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
     indices = [int(m.group(1)) for key in state_dict if (m := re.match(pattern, key))]
     return 1 + max(indices) if indices else 0
@@ -127,19 +141,23 @@ def _named_size(n_layer: int, dim: int, args: argparse.Namespace | None) -> str 
     return args.gpt_model if getattr(args, "gpt_model", None) in LLAMAGEN_SIZES else None
 
 
+def gpt_model_type(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """"c2i" or "t2i" from the condition embedding's keys; a ValueError naming them for any other file."""
+    if "cls_embedding.embedding_table.weight" in state_dict:
+        return "c2i"
+    if "cls_embedding.cap_proj.fc1.weight" in state_dict:
+        return "t2i"
+    raise ValueError(
+        "not a LlamaGen GPT state dict (no cls_embedding.embedding_table / cls_embedding.cap_proj weights); "
+        "is this a VQ tokenizer file? load it with load_llamagen_vq (--vae)"
+    )
+
+
 def llamagen_config_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], block_size: int, args: argparse.Namespace | None = None, **overrides
 ) -> LlamaGenConfig:
     """Infer the :class:`LlamaGenConfig` of an official GPT state dict; ``block_size`` = image tokens (e.g. 576)."""
-    if "cls_embedding.embedding_table.weight" in state_dict:
-        model_type = "c2i"
-    elif "cls_embedding.cap_proj.fc1.weight" in state_dict:
-        model_type = "t2i"
-    else:
-        raise ValueError(
-            "not a LlamaGen GPT state dict (no cls_embedding.embedding_table / cls_embedding.cap_proj weights); "
-            "is this a VQ tokenizer file? load it with load_llamagen_vq"
-        )
+    model_type = gpt_model_type(state_dict)
     try:
         vocab_size, dim = state_dict["tok_embeddings.weight"].shape
         wqkv_rows = state_dict["layers.0.attention.wqkv.weight"].shape[0]
@@ -196,6 +214,7 @@ def load_llamagen(
     ``block_size`` or any other :class:`LlamaGenConfig` field may be overridden.
     """
     release = read_release_file(source)
+    gpt_model_type(release.weights)  # a wrong file fails naming the keys, before its size is asked for
     if "block_size" not in overrides:
         size = _gpt_image_size(image_size, release.args, release.source)
         downsample = downsample or int(getattr(release.args, "downsample_size", None) or 16)

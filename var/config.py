@@ -318,7 +318,8 @@ class TokenizerStage:
 @dataclass
 class TransformerModelConfig(TransformerConfig):
     """The transformer stage's model: the block architecture shared with :class:`~var.models.var.VARConfig`
-    and the raster AR's config, plus the official initialisation (``VAR.init_weights``).
+    plus the official initialisation (``VAR.init_weights``); ``var train --model ar`` maps depth / width /
+    heads / dropouts onto LlamaGen's config (var/train/ar_trainer.py).
 
     Vocabulary, latent channels, scale schedule and class count are not set here: they come from the
     tokenizer and the dataset, so a config cannot contradict them.  Defaults are the official d16 rule.

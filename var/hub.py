@@ -115,7 +115,7 @@ CODE_FID_SAMPLING = {"cfg": 1.5, "top_k": 600, "top_p": 0.96, "temperature": [1.
 
 LLAMAGEN_VQ_C2I = HubFile(LLAMAGEN_REPO, "vq_ds16_c2i.pt",
                           "109aa8afb2cf3761eec23cdc8644154cb498f5ab7eef2a35264d25e5e0499f7d")
-LLAMAGEN_C2I = {  # (size, image side) -> (sha256 of c2i_{size}_{side}.pt, GPT name, FID guidance)
+LLAMAGEN_C2I = {  # (size, image side) -> (sha256 of c2i_{size}_{side}.pt, GPT name, FID cfg_scale s (our cfg: s - 1))
     ("B", 256): (None, "GPT-B", 2.0),
     ("B", 384): ("7ddf3a659b180e4339e4dab8802183ede1ea8f44c5cfd4359ab27bef979c17ad", "GPT-B", 2.0),
     ("L", 256): ("15fe788b9c0e8dfe36f3e3fd701b44d0c934e4fd94a0ab599b69669aa8f44a55", "GPT-L", 2.0),
@@ -175,7 +175,7 @@ def _build_registry() -> dict[str, Release]:
             f"llamagen-c2i-{size.lower()}-{side}", "llamagen-c2i",
             {"tokenizer": (LLAMAGEN_VQ_C2I,), "transformer": (HubFile(LLAMAGEN_REPO, f"c2i_{size}_{side}.pt", sha),)},
             f"LlamaGen-{size} class-conditional, {side // 16}x{side // 16} tokens ({side} px)",
-            side, {"cfg": cfg, "top_k": 0, "top_p": 1.0, "temperature": 1.0},
+            side, {"cfg": round(cfg - 1.0, 6), "top_k": 0, "top_p": 1.0, "temperature": 1.0}, "ar",
             loader_args={"gpt_model": gpt, "from_fsdp": size in FSDP_SIZES, "downsample": 16},
         ))
     for side, (filename, sha) in LLAMAGEN_T2I.items():
@@ -184,7 +184,7 @@ def _build_registry() -> dict[str, Release]:
             {"tokenizer": (LLAMAGEN_VQ_T2I,), "transformer": (HubFile(LLAMAGEN_T2I_REPO, filename, sha),),
              "text_encoder": FLAN_T5_XL},
             f"LlamaGen-XL text-to-image, {side} px, flan-t5-xl text encoder",
-            side, {"cfg": 7.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0},
+            side, {"cfg": 6.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0}, "ar",  # official cfg_scale 7.5
             loader_args={"gpt_model": "GPT-XL", "downsample": 16},
         ))
     releases += [
@@ -346,13 +346,14 @@ def cache_report(name: str, hub_cache: str | os.PathLike | None = None) -> list[
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# loading: pairs of VAR, CoDe and Infinity (var.loading tells the family by the transformer's keys), single
-# components of VAR and CoDe; LlamaGen entries resolve their files but have no loader here yet.
-VAR_FAMILIES = ("var", "code")
-PAIR_FAMILIES = (*VAR_FAMILIES, "infinity")
+# loading: pairs of VAR, CoDe, LlamaGen (c2i and t2i; the t2i text encoder is var.text's, from its own resolved
+# folder) and Infinity (var.loading tells the family by the transformer's keys); single components of all but
+# Infinity.
+COMPONENT_FAMILIES = ("var", "code", "llamagen-c2i", "llamagen-t2i")
+PAIR_FAMILIES = (*COMPONENT_FAMILIES, "infinity")
 
 
-def _var_family(name: str, families: tuple[str, ...] = VAR_FAMILIES) -> Release:
+def _loadable(name: str, families: tuple[str, ...] = COMPONENT_FAMILIES) -> Release:
     entry = release(name)
     if entry.family not in families:
         raise ValueError(f"{name}: its files resolve (var.hub.resolve) but no {entry.family} loader is hooked up yet")
@@ -362,10 +363,13 @@ def _var_family(name: str, families: tuple[str, ...] = VAR_FAMILIES) -> Release:
 def load_component(name: str, role: str, device: str = "cpu"):
     """One model of release ``name`` (``tokenizer``, ``transformer`` or ``refiner``), in eval mode on ``device``."""
     from var.checkpoints import load_official_var, load_official_vqvae
+    from var.checkpoints_llamagen import load_llamagen, load_llamagen_vq
 
-    entry = _var_family(name)
+    entry = _loadable(name)
     path = resolve(name, roles=[role])[role]
-    if role == "tokenizer":
+    if entry.family.startswith("llamagen"):
+        model = load_llamagen_vq(path) if role == "tokenizer" else load_llamagen(path)  # size: args, else file name
+    elif role == "tokenizer":
         model = load_official_vqvae(path, patch_nums=entry.loader_args["patch_nums"])
     else:
         model = load_official_var(path)
@@ -377,6 +381,6 @@ def load_pair(name: str, device: str = "cpu"):
     "refiner")``), every file resolved and checked before either model is built."""
     from var.loading import load_pair as load_files
 
-    _var_family(name, PAIR_FAMILIES)
+    _loadable(name, PAIR_FAMILIES)
     paths = resolve(name, roles=["tokenizer", "transformer"])  # Infinity-8B: the folder of its shards
     return load_files(vae=paths["tokenizer"], var=paths["transformer"], device=device)

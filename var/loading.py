@@ -3,12 +3,13 @@
 Accepted sources:
 
 * a model bundle directory holding ``vqvae.json/.safetensors`` and ``var.json/.safetensors`` (or
-  ``ar.json/.safetensors`` for the raster AR baseline; pick it with ``var_name="ar"``), what training
+  ``ar.json/.safetensors`` for the raster model, LlamaGen's architecture; pick it with ``var_name="ar"``), what training
   writes into every checkpoint directory;
 * a training run directory, whose ``checkpoints/latest`` names the newest checkpoint directory;
 * the official ``.pth`` files (or state dicts), given as ``vae=`` and ``var=`` (:func:`load_official`): VAR's
-  VQ-VAE + VAR, or Infinity's BSQ tokenizer + Infinity transformer (a ``.pth``/``.safetensors`` file or a
-  folder of shards), the family told by the transformer's keys (:func:`is_infinity_state`).
+  VQ-VAE + VAR, Infinity's BSQ tokenizer + Infinity transformer (a ``.pth``/``.safetensors`` file or a
+  folder of shards), or LlamaGen's released files (``vq_ds16_c2i.pt`` + ``c2i_B_256.pt``,
+  ``t2i_XL_stage1_256.pt`` ...), the family told by the transformer's keys.
 
 One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) comes from
 :func:`load_one`, from either kind of source.
@@ -23,9 +24,11 @@ from pathlib import Path
 import torch
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae
+from var.checkpoints_llamagen import check_llamagen_pair, is_llamagen_release, load_llamagen, load_llamagen_vq
 from var.infinity_checkpoints import load_official_infinity_pair, read_infinity_file
-from var.models.ar import RasterAR
+from var.models.llamagen import LlamaGen
 from var.models.var import VAR
+from var.tokenizers.llamagen_vq import LlamaGenVQ
 from var.tokenizers.vqvae import VQVAE
 
 LATEST_POINTER = "latest"
@@ -47,7 +50,8 @@ def resolve_bundle(path: str | os.PathLike, name: str = "var") -> Path:
                                     f"{instead}")
         if (bundle / f"{name}.json").is_file():
             return bundle
-        hint = {"ar": "; samplers 'ar' and 'sjd' decode the raster AR baseline: train one with 'var train --model ar'",
+        hint = {"ar": "; samplers 'ar' and 'sjd' decode a raster model: train one with 'var train --model ar' "
+                      "or pass released LlamaGen files (--vae vq_ds16_c2i.pt --var c2i_B_256.pt)",
                 "var": "; it is a tokenizer run: train a transformer on it with 'var train'"}.get(name, "")
         raise FileNotFoundError(f"{pointer} points to {bundle}, which holds no '{name}' checkpoint{hint}")
     if not path.exists():
@@ -65,8 +69,8 @@ def load_pair(
     device: str | torch.device = "cpu",
     var_name: str = "var",
     force_tokenizer: bool = False,
-) -> tuple[VQVAE, VAR | RasterAR]:
-    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` files.
+) -> tuple[VQVAE | LlamaGenVQ, VAR | LlamaGen]:
+    """Load (tokenizer, transformer) from a bundle/run directory or from official ``.pth`` / ``.pt`` files.
 
     ``var_name`` names the transformer checkpoint in a bundle: ``var``, or ``ar`` for the raster baseline.
     ``force_tokenizer`` pairs a tokenizer other than the one the transformer recorded (see ``check_pair``).
@@ -77,9 +81,11 @@ def load_pair(
         model = load_model(bundle, var_name)
         check_pair(vqvae, model, force_tokenizer)
     elif vae is not None and var is not None:
-        # read once, whatever the family (.pth, .safetensors or a folder of shards); a missing path is
-        # reported by the VAR loader
-        state = read_infinity_file(var)[0] if isinstance(var, Mapping) or Path(var).exists() else var
+        state = var
+        if not is_llamagen_release(var) and (isinstance(var, Mapping) or Path(var).exists()):
+            # read once, VAR or Infinity (.pth, .safetensors or a folder of shards); a missing path is reported by
+            # the VAR loader, LlamaGen's files (with their 'args' entry) by LlamaGen's
+            state = read_infinity_file(var)[0]
         if isinstance(state, Mapping) and is_infinity_state(state):
             vqvae, model = load_official_infinity_pair(vae, state)
         else:
@@ -100,11 +106,18 @@ def load_official(
     var: str | os.PathLike | Mapping[str, torch.Tensor],
     vqvae_overrides: Mapping | None = None,
     **var_overrides,
-) -> tuple[VQVAE, VAR]:
-    """Load an official (VQ-VAE, VAR) pair; the tokenizer is set to the transformer's scale schedule.
+) -> tuple[VQVAE | LlamaGenVQ, VAR | LlamaGen]:
+    """Load an official (tokenizer, transformer) pair: VAR's (the tokenizer set to the transformer's scale
+    schedule) or LlamaGen's (VQ + GPT; told from the GPT's keys, var/checkpoints_llamagen.py).
 
-    ``vqvae_overrides`` sets what the weights cannot tell (e.g. ``norm_groups``, ``using_znorm``).
+    ``vqvae_overrides`` / ``var_overrides`` set what the weights cannot tell (VAR: ``norm_groups``,
+    ``using_znorm``; LlamaGen: ``image_size`` of a renamed file, ``n_head`` of an unnamed size).
     """
+    if is_llamagen_release(var):  # a LlamaGen VQ given as the transformer fails naming the GPT keys it lacks
+        gpt = load_llamagen(var, **var_overrides)
+        vq = load_llamagen_vq(vqvae, **(vqvae_overrides or {}))
+        check_llamagen_pair(vq, gpt)
+        return vq, gpt
     var_model = load_official_var(var, **var_overrides)
     vqvae_model = load_official_vqvae(vqvae, **{"patch_nums": var_model.config.patch_nums, **(vqvae_overrides or {})})
     check_pair(vqvae_model, var_model)
@@ -115,7 +128,7 @@ OFFICIAL_LOADERS = {"var": load_official_var, "vqvae": load_official_vqvae}
 
 
 def load_one(path: str | os.PathLike, name: str = "var", device: str | torch.device = "cpu"
-             ) -> VAR | RasterAR | VQVAE:
+             ) -> VAR | LlamaGen | VQVAE:
     """Model ``name`` (var, ar, vqvae) from a bundle/run directory or, for VAR and the VQ-VAE, an
     official-format ``.pth`` file; in eval mode on ``device``."""
     path = Path(path)

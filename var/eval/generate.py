@@ -64,7 +64,9 @@ def generate_samples(
     state = state or PartialState()
     count, processes, rank = len(labels), state.num_processes, state.process_index
     num_batches = math.ceil(count / batch_size)
-    side = sampler.tokenizer.config.image_size
+    side = getattr(sampler.tokenizer.config, "image_size", None)
+    if side is None:  # LlamaGen's VQ decodes any grid: the model's token grid times the downsampling
+        side = sampler.model.grid[0] * sampler.tokenizer.downsample
     images_out, ids_out = [], []
     bar = tqdm(total=count, desc="sampling", unit="img", disable=not (progress and state.is_main_process))
     for round_start in range(0, num_batches, processes):

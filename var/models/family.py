@@ -35,6 +35,7 @@ and returns what the queries attend to, then ``cache.after_attention(layer, q, k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Protocol, runtime_checkable
@@ -87,6 +88,33 @@ class ScaleSchedule:
     @property
     def is_square(self) -> bool:
         return all(h == w for h, w in self.shapes)
+
+
+def resolve_labels(
+    labels: torch.Tensor | Sequence[int] | int | None,
+    num_classes: int,
+    device: torch.device | str,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Validated class labels (B,) on ``device`` for a class-conditional family: -1 becomes the null class
+    (``num_classes``), None draws ``batch_size`` labels uniformly with ``generator``, one int is repeated
+    ``batch_size`` times."""
+    if labels is None:
+        if batch_size is None:
+            raise ValueError("pass labels or batch_size")
+        uniform = torch.ones(num_classes, device=device)
+        return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
+    if isinstance(labels, int):
+        labels = [labels] * (batch_size or 1)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+    bad = (labels < -1) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"label {int(labels[bad][0])} is out of range: this model has {num_classes} classes "
+            f"(0..{num_classes - 1}; -1 samples unconditionally)"
+        )
+    return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)  # -1: the null class
 
 
 @runtime_checkable

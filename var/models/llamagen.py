@@ -16,7 +16,9 @@ Two ways to run it:
 
 * :meth:`LlamaGen.forward` (teacher forcing): the whole sequence at once, logits for every position;
 * :meth:`LlamaGen.forward_hidden` with a cache object: k >= 1 new rows at explicit absolute positions per row,
-  causal among themselves, on top of the cached prefix.  :meth:`prefill` and :meth:`step` wrap it for
+  causal among themselves, on top of the cached prefix; :meth:`LlamaGen.forward_positions` is the same for the
+  samplers (the :class:`~var.models.family.RasterModel` protocol, with :class:`Captions` for t2i).
+  :meth:`prefill` and :meth:`step` wrap it for
   condition rows and image tokens.  The cache speaks var/models/kv_cache.py's interface
   (``update(layer, k, v) -> (keys, values)``, optional ``after_attention(layer, q, k)``) and must keep
   slot s = absolute position s, which :class:`~var.models.kv_cache.KVCache` (filled from position 0) and
@@ -32,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+
+from var.models.family import resolve_labels
+from var.pretrained import PretrainedMixin
 
 MODEL_TYPES = ("c2i", "t2i")
 
@@ -298,13 +303,45 @@ class CaptionEmbedder(nn.Module):
         return self.cap_proj(captions)
 
 
+@dataclass
+class Captions:
+    """A batch of t2i conditions: T5 caption features (B, T, caption_dim), left padded as LlamaGen's
+    ``sample_t2i.py`` does (var.text ``encode_llamagen``), and their mask (B, T), 1 = real token; ``mask``
+    None means every token is real (no padding mask, the official ``emb_masks=None``)."""
+
+    features: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index) -> Captions:
+        """A sub-batch (``captions[i:j]``), as label tensors are sliced into sampling batches."""
+        return Captions(self.features[index], None if self.mask is None else self.mask[index])
+
+
+@dataclass
+class ConditionRows:
+    """What the samplers' condition object is for LlamaGen: the embedded condition rows (rows, T, dim) of every
+    batch row (the batch, then, when guided, its null copy) and the caption padding mask (rows, T) (t2i)."""
+
+    rows: torch.Tensor
+    text_mask: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------------------------------
 # the model
-class LlamaGen(nn.Module):
+class LlamaGen(PretrainedMixin, nn.Module):
     """The LlamaGen GPT (one class for c2i and t2i; ``config.model_type`` says which).
 
     Conditions are passed raw: class labels (B,) int64 for c2i, caption features (B, T, caption_dim) for t2i.
+    It is a :class:`~var.models.family.RasterModel` (sampling rule ``"llamagen"``, var/sample/rules.py), so
+    the raster samplers (``ar``, ``sjd``) run on it; it is also the raster model ``var train --model ar``
+    trains on our tokenizers.
     """
+
+    sampling_rule = "llamagen"
+    hub_role = "transformer"
 
     def __init__(self, cfg: LlamaGenConfig | None = None, **overrides):
         super().__init__()
@@ -324,11 +361,13 @@ class LlamaGen(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The official initialisation: Linear and Embedding weights N(0, initializer_range), output head zero
-        (RMSNorm gains stay 1, ``uncond_embedding`` keeps its constructor draw)."""
+        """The official initialisation: Linear and Embedding weights N(0, initializer_range), output head zero,
+        RMSNorm gains 1 (``uncond_embedding``, a buffer, keeps its constructor draw)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.initializer_range)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
         nn.init.zeros_(self.output.weight)
 
     def num_params(self) -> int:
@@ -369,13 +408,6 @@ class LlamaGen(nn.Module):
         null = self.null_condition(cond.shape[0], cond.device).to(cond.dtype)
         return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), null, cond)
 
-    def condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """Condition rows (B, T, dim) from labels (B,) (c2i, T = 1) or caption features (B, T, caption_dim)."""
-        self.check_condition(cond)
-        if self.config.model_type == "t2i":
-            cond = cond.to(self.cls_embedding.cap_proj.fc1.weight.dtype)
-        return self.cls_embedding(cond)
-
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image token ids (B, n) -> rows (B, n, dim)."""
         return self.tok_embeddings(tokens)
@@ -407,8 +439,9 @@ class LlamaGen(nn.Module):
             h = block(h, rope, mask, cache, layer)
         return self.norm(h)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (B, n, V) in float32 from :meth:`forward_hidden`'s output."""
+    def logits(self, hidden: torch.Tensor, cond: ConditionRows | None = None) -> torch.Tensor:
+        """Vocabulary logits (B, n, V) in float32 from :meth:`forward_hidden`'s output (``cond`` unused: the
+        :class:`~var.models.family.RasterModel` signature)."""
         return self.output(hidden).float()
 
     def forward(self, cond: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -421,14 +454,14 @@ class LlamaGen(nn.Module):
         """
         if self.training:
             cond = self.drop_condition(cond)
-        x = torch.cat((self.condition(cond), self.embed_tokens(tokens)), dim=1)
+        x = torch.cat((self.condition_rows(cond), self.embed_tokens(tokens)), dim=1)
         positions = torch.arange(x.shape[1], device=x.device)
         return self.logits(self.forward_hidden(x, positions, mask))
 
     def prefill(self, cond: torch.Tensor, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Write the condition rows (positions 0..T-1) into ``cache``; logits (B, T, V), the last row predicts
         image token 0.  ``mask``: as for :meth:`forward_hidden` (t2i: the caption padding mask)."""
-        x = self.condition(cond)
+        x = self.condition_rows(cond)
         positions = torch.arange(x.shape[1], device=x.device)
         return self.logits(self.forward_hidden(x, positions, mask, cache))
 
@@ -438,6 +471,98 @@ class LlamaGen(nn.Module):
         """Feed image tokens (B, k) at absolute ``positions`` (B, k) (token j sits at T + j) on top of the
         cache; logits (B, k, V): row i predicts the token after ``tokens[:, i]``."""
         return self.logits(self.forward_hidden(self.embed_tokens(tokens), positions, mask, cache))
+
+    # -- the RasterModel protocol (var/models/family.py): what the raster samplers use ------------------------
+    @property
+    def depth(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.grid_size, self.config.grid_size
+
+    def resolve_conditions(self, conditions, batch_size: int | None = None,
+                           generator: torch.Generator | None = None) -> torch.Tensor | Captions:
+        """c2i: class labels (B,) (-1 = unconditional, None = ``batch_size`` random ones).  t2i: a
+        :class:`Captions`, a (features, mask) pair or the features alone (B, T, caption_dim)."""
+        device = self.tok_embeddings.weight.device
+        if self.config.model_type == "c2i":
+            return resolve_labels(conditions, self.config.num_classes, device, batch_size, generator)
+        if conditions is None:
+            raise ValueError("a text-to-image LlamaGen needs captions: pass prompts (--prompt / --prompts), "
+                             "encoded with var.text.T5TextEncoder.encode_llamagen")
+        if isinstance(conditions, torch.Tensor):
+            conditions = Captions(conditions)
+        elif isinstance(conditions, (tuple, list)):
+            conditions = Captions(*conditions)
+        self.check_condition(conditions.features)
+        mask = conditions.mask
+        if mask is not None and tuple(mask.shape) != tuple(conditions.features.shape[:2]):
+            raise ValueError(f"caption mask {tuple(mask.shape)} does not match the features "
+                             f"{tuple(conditions.features.shape)}: one entry per caption token")
+        return Captions(conditions.features.to(device), None if mask is None else mask.to(device))
+
+    def condition_batch_size(self, conditions: torch.Tensor | Captions) -> int:
+        return len(conditions)
+
+    def condition(self, conditions: torch.Tensor | Captions, guided: bool) -> ConditionRows:
+        """Condition rows of the batch, then (``guided``) of the null condition: the official CFG batch
+        [cond; uncond]; a caption mask applies to both halves (spec 4.3)."""
+        if self.config.model_type == "c2i":
+            cond, mask = conditions, None
+        else:
+            cond, mask = conditions.features, conditions.mask
+        if guided:
+            cond = torch.cat((cond, self.null_condition(len(cond), cond.device).to(cond.dtype)))
+            mask = None if mask is None else mask.repeat(2, 1)
+        return ConditionRows(self.condition_rows(cond), mask)
+
+    def condition_rows(self, cond: torch.Tensor) -> torch.Tensor:
+        """Embedded condition rows (B, T, dim) of raw conditions (labels or caption features)."""
+        self.check_condition(cond)
+        if self.config.model_type == "t2i":
+            cond = cond.to(self.cls_embedding.cap_proj.fc1.weight.dtype)
+        return self.cls_embedding(cond)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise a ValueError when ``tokenizer`` (LlamaGen's VQ, or our VQ-VAE read as one scale) cannot decode
+        this model's token maps."""
+        config = tokenizer.config
+        vocab = getattr(config, "codebook_size", None) or getattr(config, "vocab_size", None)
+        problems = []
+        if vocab != self.config.vocab_size:
+            problems.append(f"tokenizer vocabulary {vocab} vs the GPT's vocab_size {self.config.vocab_size}")
+        patch_nums = getattr(tokenizer, "patch_nums", None)
+        if patch_nums and patch_nums[-1] != self.config.grid_size:
+            problems.append(f"latent side {patch_nums[-1]} vs the GPT's token grid {self.config.grid_size}")
+        if problems:
+            raise ValueError("tokenizer and transformer do not match: " + "; ".join(problems))
+
+    def condition_length(self, cond: ConditionRows) -> int:
+        return cond.rows.shape[1]
+
+    def forward_positions(self, cond: ConditionRows, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (rows, n, dim) of inputs at absolute ``positions`` (rows, n) over ``cache`` (slot s =
+        position s): condition row p where p < T, else the embedding of ``tokens``.  ``attn_mask`` (rows, 1, n,
+        keys) or None (one new row, or the absolute triangle); the caption padding mask is added here."""
+        length = cond.rows.shape[1]
+        index = positions.clamp(max=length - 1).unsqueeze(-1).expand(-1, -1, cond.rows.shape[-1])
+        x = torch.where((positions < length).unsqueeze(-1), cond.rows.gather(1, index),
+                        self.embed_tokens(tokens).to(cond.rows.dtype))
+        if cond.text_mask is not None:
+            keys = attn_mask.shape[-1] if attn_mask is not None else int(positions.max()) + 1
+            padded = attention_mask(positions, keys, cond.text_mask)
+            attn_mask = padded if attn_mask is None else attn_mask & padded
+        return self.forward_hidden(x, positions, attn_mask, cache)
 
 
 def build_llamagen(size: str, **overrides) -> LlamaGen:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from var.models.family import Conditions, ScaleSchedule
+from var.models.family import Conditions, ScaleSchedule, resolve_labels
 from var.models.kv_cache import KVCache
 from var.pretrained import PretrainedMixin
 
@@ -31,7 +31,7 @@ MAX_LOG_TEMPERATURE = math.log(100)
 
 @dataclass
 class TransformerConfig:
-    """Architecture of the AdaLN transformer blocks shared by VAR, the raster AR baseline and training configs.
+    """Architecture of the AdaLN transformer blocks shared by VAR and the training configs.
 
     ``width``, ``num_heads`` and ``drop_path_rate`` default to the official depth rule: width 64*depth,
     depth heads of 64 dims, drop path 0.1*depth/24.
@@ -226,7 +226,7 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
 
 
 class ConditionalTransformer(PretrainedMixin, nn.Module):
-    """What VAR and the raster AR baseline share: a class embedding with a null class (index
+    """VAR's class-conditional AdaLN stack: a class embedding with a null class (index
     ``num_classes``), a stack of AdaLN blocks that runs on the shared KV cache, the AdaLN head, the official
     initialisation and the class conditions of var/models/family.py."""
 
@@ -328,24 +328,8 @@ class ConditionalTransformer(PretrainedMixin, nn.Module):
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Validated class labels (B,) on the model's device; -1 becomes the null class, None draws
-        ``batch_size`` labels uniformly with ``generator``, one int is repeated ``batch_size`` times."""
-        device = self.class_embed.weight.device
-        if labels is None:
-            if batch_size is None:
-                raise ValueError("pass labels or batch_size")
-            uniform = torch.ones(self.num_classes, device=device)
-            return torch.multinomial(uniform, batch_size, replacement=True, generator=generator)
-        if isinstance(labels, int):
-            labels = [labels] * (batch_size or 1)
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
-        bad = (labels < -1) | (labels >= self.num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"label {int(labels[bad][0])} is out of range: this model has {self.num_classes} classes "
-                f"(0..{self.num_classes - 1}; -1 samples unconditionally)"
-            )
-        return torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)  # -1: the null class
+        """Validated class labels (B,) on the model's device (:func:`~var.models.family.resolve_labels`)."""
+        return resolve_labels(labels, self.num_classes, self.class_embed.weight.device, batch_size, generator)
 
     def condition_batch_size(self, labels: Conditions) -> int:
         return labels.shape[0]

@@ -16,12 +16,13 @@ from var.checkpoints import check_pair
 from var.hub import load_pair as load_release
 from var.hub import release, resolve
 from var.loading import load_one, load_pair
-from var.models.infinity import Infinity
+from var.models.infinity import Infinity, PackedText
 from var.models.infinity_schedules import parse_aspect, schedule_for
+from var.models.llamagen import Captions
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
-from var.text import FLAN_T5_XL
+from var.text import FLAN_T5_XL, T5TextEncoder
 from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
@@ -58,7 +59,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler")
     group.add_argument("--sampler", choices=SAMPLER_NAMES,
                        help="plain next-scale (var), ScaleKV preset (scalekv), CoDe (code), scale-wise speculation "
-                            "(sjd-scale); the raster AR baseline: plain (ar) or speculative Jacobi (sjd); default: "
+                            "(sjd-scale); raster LlamaGen models: plain (ar) or speculative Jacobi (sjd); default: "
                             "var, or the sampler of the --model release")
     add_option_arguments(group, all_options(), option_users())
 
@@ -93,17 +94,18 @@ def apply_release(args: argparse.Namespace) -> None:
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, exclusive) -> None:
-    """Text-to-image flags (Infinity): the prompts (in ``exclusive``, beside the class-label flags), the T5
-    encoder and the schedule."""
-    exclusive.add_argument("--prompt", nargs="+", help="Infinity: prompts, one image each")
-    exclusive.add_argument("--prompts", help="Infinity: a text file of prompts, one per line")
-    text = parser.add_argument_group("text-to-image (Infinity)")
+    """Text-to-image flags (Infinity, LlamaGen t2i): the prompts (in ``exclusive``, beside the class-label flags),
+    the T5 encoder and Infinity's schedule."""
+    exclusive.add_argument("--prompt", nargs="+", action="extend",
+                           help="text-to-image prompts, one image each (--prompt A B or --prompt A --prompt B)")
+    exclusive.add_argument("--prompts", help="text-to-image: a text file of prompts, one per line")
+    text = parser.add_argument_group("text-to-image (Infinity, LlamaGen t2i)")
     text.add_argument("--text-encoder", default=FLAN_T5_XL,
                       help="T5 model id in the local Hugging Face cache, or its folder (never downloaded)")
     text.add_argument("--resolution", default="1M",
-                      help="schedule level: 0.06M, 0.25M, 0.60M, 1M or the square side 256, 512, 768, 1024")
-    text.add_argument("--aspect", default="1:1", help="W:H (16:9 is landscape) or height/width; the nearest "
-                                                      "official template is used")
+                      help="Infinity schedule level: 0.06M, 0.25M, 0.60M, 1M or the square side 256, 512, 768, 1024")
+    text.add_argument("--aspect", default="1:1", help="Infinity: W:H (16:9 is landscape) or height/width; the "
+                                                      "nearest official template is used")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -111,22 +113,37 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
-            raise SystemExit(f"--prompts {path}: no such file (one prompt per line)")
+            raise FileNotFoundError(f"--prompts {path}: no such file (one prompt per line)")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
-            raise SystemExit(f"--prompts {path} holds no prompt")
+            raise ValueError(f"--prompts {path} holds no prompt (one per line)")
         return prompts
     return args.prompt
 
 
+def is_text_to_image(model) -> bool:
+    """Whether ``model`` is conditioned on prompts (Infinity, LlamaGen t2i) rather than class labels."""
+    return isinstance(model, Infinity) or getattr(getattr(model, "config", None), "model_type", None) == "t2i"
+
+
 def use_text_arguments(args: argparse.Namespace, model, prompts: list[str] | None) -> None:
     """Check that prompts and the model fit, and set an Infinity's schedule from --resolution/--aspect."""
+    if is_text_to_image(model) and prompts is None:
+        raise ValueError(f"this {type(model).__name__} is text-to-image: give --prompt 'a photo of a cat' or "
+                         "--prompts FILE")
+    if not is_text_to_image(model) and prompts is not None:
+        raise ValueError(f"--prompt/--prompts need a text-to-image model (Infinity, LlamaGen t2i); this "
+                         f"{type(model).__name__} is class-conditional: use --labels or --per-class")
     if isinstance(model, Infinity):
-        if prompts is None:
-            raise SystemExit("Infinity is text-to-image: give --prompt 'a photo of a cat' or --prompts FILE")
         model.use_schedule(schedule_for(parse_aspect(args.aspect), args.resolution))
-    elif prompts is not None:
-        raise SystemExit(f"--prompt needs a text-to-image model (Infinity); {type(model).__name__} takes --labels")
+
+
+def encode_prompts(encoder: T5TextEncoder, model, prompts: list[str]) -> PackedText | Captions:
+    """The text condition ``model``'s family samples from: Infinity's packed T5 features, or LlamaGen's left-padded
+    captions of its caption length."""
+    if isinstance(model, Infinity):
+        return encoder.encode_infinity(prompts)
+    return Captions(*encoder.encode_llamagen(prompts, max_length=model.config.cls_token_num))
 
 
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:

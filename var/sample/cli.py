@@ -1,5 +1,5 @@
-"""``var sample``: draw class-conditional (VAR) or text-to-image (Infinity: ``--prompt``) samples and save a PNG
-grid (and optionally an npz).
+"""``var sample``: draw class-conditional (VAR, LlamaGen c2i) or text-to-image (Infinity, LlamaGen t2i:
+``--prompt``) samples and save a PNG grid (and optionally an npz).
 
 Its sampling-setting and sampler-option flags come from var/sample/arguments.py (derived from the
 declarations).
@@ -11,6 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from var.argtypes import integer
@@ -20,6 +21,7 @@ from var.sample.arguments import (
     add_settings_arguments,
     add_text_arguments,
     apply_release,
+    encode_prompts,
     load_models,
     read_prompts,
     sampler_options_from_args,
@@ -51,7 +53,7 @@ def add_parser(subparsers) -> None:
     which.add_argument("--per-class", type=integer(1), help="this many samples of every class, one row per class")
     add_text_arguments(parser, which)
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
-    parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
+    parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels or prompts)")
     parser.add_argument("--nrow", type=integer(1), help="images per grid row")
     parser.set_defaults(func=run)
 
@@ -67,30 +69,30 @@ def run(args: argparse.Namespace) -> None:
     options = sampler_options_from_args(args, device, tokenizer=vqvae)
     sampler = build_sampler(args.sampler, model, vqvae, settings, **options)
     if prompts is not None:
-        labels = encoder.encode_infinity(prompts)
+        conditions = encode_prompts(encoder, model, prompts)
         del encoder  # T5 is not needed while sampling
-        nrow = args.nrow or min(8, len(labels))
+        nrow = args.nrow or min(8, len(prompts))
     elif args.labels is not None:
-        labels = torch.tensor(args.labels)
-        nrow = args.nrow or min(8, len(labels))
+        conditions = torch.tensor(args.labels)
+        nrow = args.nrow or min(8, len(conditions))
     else:
         per_class = args.per_class or 1
-        labels = torch.arange(model.num_classes).repeat_interleave(per_class)
-        nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(labels))))
+        conditions = torch.arange(model.num_classes).repeat_interleave(per_class)
+        nrow = args.nrow or (per_class if args.per_class else math.ceil(math.sqrt(len(conditions))))
     stats: list[dict] = []
     try:
-        images = sample_in_batches(sampler, labels, args.batch_size, args.seed, device, args.dtype, stats=stats)
+        images = sample_in_batches(sampler, conditions, args.batch_size, args.seed, device, args.dtype, stats=stats)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted while sampling: nothing was written ({args.out} is written once every "
                                 "sample is drawn); run the same command again") from None
-    sizes = [len(labels[start:start + args.batch_size]) for start in range(0, len(labels), args.batch_size)]
+    sizes = [len(conditions[start:start + args.batch_size]) for start in range(0, len(conditions), args.batch_size)]
     passes = [batch["passes_per_image"] for batch in stats]
-    mean_passes = sum(p * size for p, size in zip(passes, sizes, strict=True)) / len(labels)
+    mean_passes = sum(p * size for p, size in zip(passes, sizes, strict=True)) / len(conditions)
     print(f"{args.sampler}: {mean_passes:.2f} forward passes per image")
     out = Path(args.out)
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
-        conditions = {"prompts": prompts} if prompts is not None else {"labels": labels.numpy()}
-        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), **conditions)
+        given = {"prompts": np.array(prompts)} if prompts is not None else {"labels": conditions.numpy()}
+        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), **given)
         print(f"wrote {args.npz}")

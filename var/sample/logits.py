@@ -40,6 +40,8 @@ class SamplingSettings:
     temperature: float | Sequence[float] = option(1.0, "divide the filtered logits by this", type=float,
                                                   minimum=0, exclusive_minimum=True, per_scale=True)
     more_smooth: bool = option(False, "Gumbel-softmax mixtures of codes in f_hat (nicer, not for FID)")
+    cfg_interval: int = option(-1, "LlamaGen: guide image tokens 0..cfg_interval+1 only, later ones use the "
+                                   "conditional logits (official cfg_interval; -1: guide every token)", minimum=-1)
 
     def __post_init__(self) -> None:
         for name, spec in declared(SamplingSettings).items():

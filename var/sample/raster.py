@@ -2,8 +2,8 @@
 
 Written against :class:`~var.models.family.RasterModel`: ``T`` condition positions, then the image tokens;
 the output at sequence position T - 1 + j predicts image token j.  Guidance and token processing are the
-family's rule (var/sample/rules.py; the raster AR baseline: a constant weight, (1 + cfg) cond - cfg uncond,
-one top-k / top-p / temperature value).  The token map is decoded by the tokenizer's ``tokens_to_latent``.
+family's rule (var/sample/rules.py; LlamaGen: its official ``generate`` semantics, cfg_interval included).
+The token map is decoded by the tokenizer's ``tokens_to_latent``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from var.sample.base import BaseSampler, GumbelOption, ModelKind, SamplingState,
 class RasterSampler(BaseSampler):
     """The steps of raster sampling; subclasses run the loop."""
 
-    kind = ModelKind(RasterModel, "the raster AR baseline (an 'ar' checkpoint) or another raster model", "ar")
+    kind = ModelKind(RasterModel, "a raster model: LlamaGen (an 'ar' checkpoint or a released LlamaGen file)", "ar")
 
     @property
     def seq_len(self) -> int:

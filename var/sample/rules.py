@@ -1,9 +1,9 @@
 """Token rules: how a model family turns one step's logits into the distribution its tokens are drawn from.
 
 Guidance and token processing are conventions of a model family's official sampler, not of a sampler loop:
-VAR ramps its guidance weight over the scales and applies the temperature after top-k/top-p; the raster AR
-baseline guides with a constant weight; LlamaGen guides with uncond + s (cond - uncond) only when s > 1 (and
-only inside its cfg interval) and applies the temperature first; Infinity scales logits by 1/tau and mixes
+VAR ramps its guidance weight over the scales and applies the temperature after top-k/top-p; LlamaGen (the
+raster family) guides with uncond + s (cond - uncond), s = 1 + cfg, only when s > 1 (and only inside its cfg
+interval) and applies the temperature first; Infinity scales logits by 1/tau and mixes
 cfg * cond + (1 - cfg) * uncond per scale.  Each family names its rule (``model.sampling_rule``); every
 sampler asks :func:`rule_for` and never hard-codes one, so adding a family means adding a rule here.
 
@@ -23,6 +23,7 @@ class TokenRule:
 
     supports_more_smooth = False
     supports_infinity_guidance = False  # per-scale cfg lists and cfg_layer
+    supports_cfg_interval = False
 
     def __init__(self, model):
         self.model = model
@@ -42,6 +43,9 @@ class TokenRule:
             if settings.cfg_layer != 0:
                 raise ValueError(f"cfg_layer is Infinity's hidden-state guidance; {type(self.model).__name__} "
                                  "guides its logits (leave it at 0)")
+        if settings.cfg_interval != -1 and not self.supports_cfg_interval:
+            raise ValueError(f"cfg_interval is LlamaGen's guidance window; {type(self.model).__name__} guides "
+                             "every token (leave it at -1)")
 
     def prepare(self, cond, model, settings: SamplingSettings) -> None:
         """Adjust a runner's condition rows before its first pass (Infinity: hidden-state guidance)."""
@@ -61,6 +65,7 @@ class VARRule(TokenRule):
     supports_more_smooth = True
 
     def check(self, settings: SamplingSettings) -> None:
+        super().check(settings)
         settings.check(self.model.schedule.num_scales)
 
     def guide(self, logits: torch.Tensor, settings: SamplingSettings, step: int) -> torch.Tensor:
@@ -70,9 +75,22 @@ class VARRule(TokenRule):
         return target_logits(guided, settings, step)
 
 
-class RasterARRule(TokenRule):
-    """The raster AR baseline: a constant weight, (1 + cfg) cond - cfg uncond; top-k, top-p, then
-    temperature, one value each (there is one token map, no per-scale lists)."""
+class LlamaGenRule(TokenRule):
+    """LlamaGen's ``generate`` (autoregressive/models/generate.py), exactly.
+
+    Guidance: the official ``cfg_scale`` s = 1 + ``cfg``, so ``cfg`` keeps the meaning it has for VAR (the
+    weight t of (1 + t) cond - t uncond) and the official ``--cfg-scale 4.0`` is ``--cfg 3.0``.  The batch is
+    guided only when s > 1 (``cfg`` > 0), as ``uncond + (cond - uncond) * s``.  ``cfg_interval`` >= 0 guides
+    image tokens 0..cfg_interval+1 and uses the conditional logits alone after them (the unconditional half
+    keeps running).  Processing: logits / max(temperature, 1e-5), then top-k (ties at the k-th value kept),
+    then top-p on the result (the first token crossing top_p kept); ``top_p`` 0 or 1 and ``top_k`` 0 filter
+    nothing.  One value each: there is one token map.
+    """
+
+    supports_cfg_interval = True
+
+    def guided(self, settings: SamplingSettings) -> bool:
+        return settings.cfg > 0
 
     def check(self, settings: SamplingSettings) -> None:
         super().check(settings)
@@ -81,11 +99,30 @@ class RasterARRule(TokenRule):
                 raise ValueError(f"{name} must be one value for {type(self.model).__name__} (it has a single "
                                  "token map)")
 
-    def guide(self, logits: torch.Tensor, settings: SamplingSettings, step) -> torch.Tensor:
-        return guide(logits, settings.cfg)
+    def guide(self, logits: torch.Tensor, settings: SamplingSettings, step: torch.Tensor | None) -> torch.Tensor:
+        if not self.guided(settings):
+            return logits
+        batch = logits.shape[0] // 2
+        cond, uncond = logits[:batch], logits[batch:]
+        guided = uncond + (cond - uncond) * (1.0 + settings.cfg)
+        if settings.cfg_interval < 0 or step is None:
+            return guided
+        after = (step > settings.cfg_interval + 1).unsqueeze(-1)  # (B, n, 1): tokens past the interval
+        return torch.where(after, cond, guided)
 
     def process(self, guided: torch.Tensor, settings: SamplingSettings, step) -> torch.Tensor:
-        return target_logits(guided, settings, 0)
+        top_k, top_p, temperature = settings.at(0)
+        logits = guided / max(temperature, 1e-5)
+        vocab = logits.shape[-1]
+        if top_k > 0:
+            kth = logits.topk(min(top_k, vocab), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if 0 < top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
+            remove = torch.cat((torch.zeros_like(remove[..., :1]), remove[..., :-1]), dim=-1)  # keep the crossing one
+            logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        return logits
 
 
 class InfinityRule(TokenRule):
@@ -136,7 +173,7 @@ class InfinityRule(TokenRule):
         return filter_logits_(guided.clone(), top_k, top_p)
 
 
-RULES: dict[str, type[TokenRule]] = {"var": VARRule, "raster-ar": RasterARRule, "infinity": InfinityRule}
+RULES: dict[str, type[TokenRule]] = {"var": VARRule, "llamagen": LlamaGenRule, "infinity": InfinityRule}
 
 
 def rule_for(model) -> TokenRule:

@@ -270,22 +270,25 @@ class LlamaGenVQ(nn.Module):
         """The official ``decode_code``: indices (B*h*w or (B, h*w)) and ``shape`` [B, C, h, w] -> unclamped images."""
         return self.decode(self.quantize.lookup(indices, tuple(shape)))
 
-    def tokens_to_latent(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Square raster token maps (B, L) -> codebook latent (B, C, sqrt(L), sqrt(L))."""
-        side = math.isqrt(tokens.shape[1])
-        if tokens.ndim != 2 or side * side != tokens.shape[1]:
-            raise ValueError(f"expected square raster token maps (B, side*side), got {tuple(tokens.shape)}")
-        return self.quantize.lookup(tokens, (tokens.shape[0], self.config.codebook_embed_dim, side, side))
+    def tokens_to_latent(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raster token maps (B, h*w) -> codebook latent (B, C, h, w); ``grid`` (h, w), default square."""
+        if grid is None:
+            side = math.isqrt(tokens.shape[-1])
+            grid = (side, side)
+        if tokens.ndim != 2 or grid[0] * grid[1] != tokens.shape[1]:
+            raise ValueError(f"expected raster token maps (B, {grid[0]}*{grid[1]}), got {tuple(tokens.shape)}")
+        return self.quantize.lookup(tokens, (tokens.shape[0], self.config.codebook_embed_dim, *grid))
 
-    def latent_to_images(self, latent: torch.Tensor) -> torch.Tensor:
-        """Codebook latent (B, C, h, w) -> images (B, 3, H, W) clamped to [-1, 1]."""
+    def fhat_to_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """Codebook latent (B, C, h, w) -> images (B, 3, H, W) clamped to [-1, 1]
+        (:class:`~var.models.family.RasterTokenizer`)."""
         return self.decode(latent).clamp_(-1, 1)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Square raster token maps (B, L) -> images (B, 3, H, W) clamped to [-1, 1]
         (``.add(1).div(2)`` for [0, 1], as the official scripts save them)."""
-        return self.latent_to_images(self.tokens_to_latent(tokens))
+        return self.fhat_to_image(self.tokens_to_latent(tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction: images (B, 3, H, W) in [-1, 1] -> encode -> decode, unclamped (official ``forward``)."""

@@ -1,7 +1,12 @@
-"""``var train --model ar``: the raster-order AR baseline (var/models/ar.py) over one token map.
+"""``var train --model ar``: the raster-order AR model, LlamaGen's architecture (var/models/llamagen.py), over
+one token map of our tokenizer.
 
 The tokenizer's latent is quantised as one scale (``patch_nums=(latent_side,)``); the bundle stores the
 tokenizer with that single-scale schedule, so ``var sample --sampler ar`` decodes it as it was trained.
+The stage's block settings map onto LlamaGen's: depth -> n_layer, width -> dim, num_heads -> n_head,
+drop_rate -> token/residual/FFN dropout, attn_drop_rate, drop_path_rate, cond_drop_rate -> class dropout;
+the FFN width is LlamaGen's SwiGLU rule and the initialisation is the official one (N(0, 0.02), zero head),
+so VAR's AdaLN / l2-attention / mlp_ratio / init_* settings do not apply.
 """
 
 from __future__ import annotations
@@ -12,17 +17,18 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from var.models.ar import ARConfig, RasterAR
+from var.config import TransformerModelConfig
+from var.models.llamagen import LlamaGen, LlamaGenConfig
 from var.models.var import TransformerConfig
 from var.tokenizers.vqvae import VQVAE
 from var.train.transformer import TransformerTrainer
 
 
 class ARTrainer(TransformerTrainer):
-    """Trains a :class:`RasterAR` with next-token cross-entropy over the whole token map."""
+    """Trains a class-conditional :class:`LlamaGen` with next-token cross-entropy over the whole token map."""
 
     kind = "ar"
-    model_class = RasterAR
+    model_class = LlamaGen
 
     def check_config(self) -> None:
         recipe, loss = self.recipe_config, self.loss_config
@@ -55,13 +61,21 @@ class ARTrainer(TransformerTrainer):
                 )
         return single
 
-    def new_model_config(self, architecture: TransformerConfig) -> ARConfig:
+    def new_model_config(self, architecture: TransformerConfig) -> LlamaGenConfig:
         tokenizer = self.tokenizer.config
-        return ARConfig(**self.architecture(architecture), vocab_size=tokenizer.vocab_size,
-                        num_classes=self.num_classes, side=tokenizer.patch_nums[-1])
+        return LlamaGenConfig(
+            dim=architecture.width, n_layer=architecture.depth, n_head=architecture.num_heads,
+            token_dropout_p=architecture.drop_rate, resid_dropout_p=architecture.drop_rate,
+            ffn_dropout_p=architecture.drop_rate, attn_dropout_p=architecture.attn_drop_rate,
+            drop_path_rate=architecture.drop_path_rate, class_dropout_prob=architecture.cond_drop_rate,
+            num_classes=self.num_classes, vocab_size=tokenizer.vocab_size, block_size=tokenizer.patch_nums[-1] ** 2,
+        )
 
-    def setup_model(self, model: RasterAR) -> None:
-        self.token_weights = torch.ones(model.config.seq_len, device=self.device)
+    def init_weights(self, model: LlamaGen, architecture: TransformerModelConfig) -> None:
+        """LlamaGen initialises itself (the official rule) when built."""
+
+    def setup_model(self, model: LlamaGen) -> None:
+        self.token_weights = torch.ones(model.config.block_size, device=self.device)
 
     def tokenize(self, inputs: torch.Tensor) -> tuple[torch.Tensor, None]:
         return (inputs if inputs.dtype == torch.long else self.encode(inputs)), None
@@ -70,4 +84,5 @@ class ARTrainer(TransformerTrainer):
         return None, self.token_weights
 
     def logits(self, labels, targets, extra, num_scales) -> tuple[torch.Tensor, None]:
-        return self.model(labels, targets), None
+        """Row T-1+j of the teacher-forced logits predicts token j."""
+        return self.model(labels, targets[:, :-1])[:, self.model_config.cls_token_num - 1:], None

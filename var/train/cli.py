@@ -48,7 +48,8 @@ def add_parser(subparsers) -> None:
     transformer = subparsers.add_parser("train", help="train a VAR (or raster AR) transformer on a tokenizer")
     add_common_arguments(transformer)
     transformer.add_argument("--tokenizer", help="tokenizer run or bundle (default: runs/<config name>/tokenizer)")
-    transformer.add_argument("--model", default="var", choices=["var", "ar"], help="next-scale VAR or raster AR")
+    transformer.add_argument("--model", default="var", choices=["var", "ar"],
+                             help="next-scale VAR or raster AR (LlamaGen)")
     transformer.add_argument("--recipe", choices=["standard", "code-drafter", "code-refiner"],
                              help="CoDe fine-tuning recipe (sets var.recipe.name)")
     transformer.add_argument("--base", help="start from this VAR run/bundle (var.recipe.base)")

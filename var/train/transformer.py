@@ -2,7 +2,7 @@
 (ar_trainer.py) share.
 
 One step (spec_var 4.1): the frozen tokenizer turns images into token maps; the transformer predicts every
-token in one teacher-forced pass (block-causal over scales for VAR, causal for the raster AR); the loss is the
+token in one teacher-forced pass (block-causal over scales for VAR, causal for the raster AR, LlamaGen); the loss is the
 token-averaged cross-entropy.  Label dropout for classifier-free guidance happens inside the model's forward
 in training mode.  A new model's weights depend only on ``train.seed`` (drawn right after seeding, whatever
 building the dataset and tokenizer consumed), so every process starts from the same weights.
@@ -75,6 +75,11 @@ class TransformerTrainer(Trainer):
         """The model config of a new model: the stage's architecture plus what the tokenizer and data fix."""
         raise NotImplementedError
 
+    def init_weights(self, model: torch.nn.Module, architecture: TransformerModelConfig) -> None:
+        """Initialise a new model (VAR: the official rule with the stage's init_* settings)."""
+        model.init_weights(init_adaln=architecture.init_adaln, init_adaln_gamma=architecture.init_adaln_gamma,
+                           init_head=architecture.init_head, init_std=architecture.init_std)
+
     def setup_model(self, model: torch.nn.Module) -> None:
         """Family set-up once the model exists (recipes, per-token loss weights)."""
 
@@ -132,8 +137,7 @@ class TransformerTrainer(Trainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 model = self.model_class(self.new_model_config(architecture))
-                model.init_weights(init_adaln=architecture.init_adaln, init_adaln_gamma=architecture.init_adaln_gamma,
-                                   init_head=architecture.init_head, init_std=architecture.init_std)
+                self.init_weights(model, architecture)
         if model.num_classes != self.num_classes:
             raise ValueError(f"the model has {model.num_classes} classes but the dataset has {self.num_classes}")
         model.check_tokenizer(self.tokenizer)
