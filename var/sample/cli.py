@@ -29,6 +29,8 @@ def memory_summary(stats: dict) -> str:
     """One line on the KV cache (and CUDA peak) of a batch, from its sampler stats."""
     mib = 2**20
     line = f"KV cache {stats['kv_bytes'] / mib:.2f} MiB allocated, {stats['kv_bytes_held'] / mib:.2f} MiB held"
+    if stats.get("kv_fraction") is not None:
+        line += f" ({stats['kv_fraction']:.3f} of the full cache, budget {stats['kv_budget']:g})"
     if stats.get("peak_cuda_bytes") is not None:
         line += f"; peak CUDA memory {stats['peak_cuda_bytes'] / mib:.0f} MiB"
     return line
