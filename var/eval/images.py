@@ -1,5 +1,7 @@
 """Image sets on disk: the OpenAI samples ``.npz`` (``arr_0``: uint8 NHWC, optional ``labels``) and PNG folders.
 
+Generated sets are exported (and scored) in a seeded shuffled order (:meth:`Samples.shuffled`).
+
 Everything is handed to feature extractors as uint8 (N, 3, H, W), the only input torch-fidelity accepts.
 Exported PNGs go to ``DIR/<label>/<index>.png`` so a folder keeps its labels; reading a folder takes labels
 from parent folders named by a number and otherwise leaves them unknown.
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from var.utils import atomic_savez
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXPORT_SHUFFLE_SEED = 0  # the order of exported sample sets (see Samples.shuffled)
 
 
 @dataclass
@@ -31,6 +34,16 @@ class Samples:
     def __post_init__(self) -> None:
         if self.labels is not None and len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+    def shuffled(self, seed: int = EXPORT_SHUFFLE_SEED) -> Samples:
+        """The samples in a seeded random order, labels kept aligned.
+
+        Samplers emit class-ordered sets; Inception Score over consecutive splits (the OpenAI evaluator) then
+        sees a few classes per split and comes out far too low.  The permutation depends only on ``seed`` and
+        the count, so two same-seed sample sets stay paired image by image.
+        """
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(seed))
+        return Samples(self.images[order], None if self.labels is None else self.labels[order])
 
 
 def nhwc_to_tensor(array: np.ndarray, source: str) -> torch.Tensor:

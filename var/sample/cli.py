@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from var.eval.images import Samples, save_npz_samples
 from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
@@ -22,7 +23,7 @@ from var.sample.arguments import (
 )
 from var.sample.batches import sample_in_batches
 from var.sample.registry import build_sampler
-from var.utils import atomic_savez, resolve_device, save_grid
+from var.utils import resolve_device, save_grid
 
 
 def memory_summary(stats: dict) -> str:
@@ -45,7 +46,8 @@ def add_parser(subparsers) -> None:
     which.add_argument("--labels", type=int, nargs="+", help="class labels (-1 = unconditional)")
     which.add_argument("--per-class", type=int, help="this many samples of every class, one row per class")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
-    parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels)")
+    parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels), in a seeded "
+                                      "shuffled order")
     parser.add_argument("--nrow", type=int, help="images per grid row")
     parser.set_defaults(func=run)
 
@@ -73,5 +75,5 @@ def run(args: argparse.Namespace) -> None:
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
-        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        save_npz_samples(args.npz, Samples(images, labels).shuffled())  # seeded order: IS splits see every class
         print(f"wrote {args.npz}")
