@@ -155,7 +155,7 @@ def print_report(report: dict, out: Path, experiment) -> None:
         f"{report['classifier_fid']:.2f}, diversity {report['diversity']:.2f}x the real digits' within-class spread",
         f"  wrote {out / 'grid.png'} (one row per class) and {out / 'samples.npz'}",
         f"  more samples: var sample --ckpt {out / 'var_run'} --per-class 8 --cfg {settings.cfg} "
-        f"--top-k {_flag(settings.top_k)} --top-p {_flag(settings.top_p)}",
+        f"--top-k {_flag(settings.top_k)} --top-p {_flag(settings.top_p)} --temperature {_flag(settings.temperature)}",
     ]
     print("\n".join(lines))
 
