@@ -34,7 +34,7 @@ from var.eval.fidelity import (
     write_random_inception_weights,
 )
 from var.eval.images import ImageFolder, Samples, load_samples, save_npz_samples, save_pngs
-from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall, within_class_spread
 from var.eval.reference import ReferenceSource
 from var.models.ar import ARConfig, RasterAR
 from var.tokenizers.vqvae import VQVAE
@@ -181,6 +181,16 @@ def test_exports_are_shuffled_with_labels_aligned_so_inception_score_ignores_gen
     assert ordered_is < 11 and min(scores) > 3 * ordered_is
     assert scores[0] == pytest.approx(scores[1], rel=0.05)
     assert torch.equal(Samples(images, labels).shuffled(3).labels, Samples(images, labels).shuffled(3).labels)
+
+
+def test_within_class_spread_is_zero_for_collapsed_classes_and_scales_with_the_spread():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(50)
+    centres = torch.randn(4, 8, generator=generator)[labels] * 10
+    noise = torch.randn(200, 8, generator=generator)
+    assert within_class_spread(centres, labels) == pytest.approx(0, abs=1e-9)  # ten identical 0s: no diversity
+    assert within_class_spread(centres + 2 * noise, labels) == pytest.approx(
+        2 * within_class_spread(centres + noise, labels))  # the class centres do not count
 
 
 def test_inception_score_uses_consecutive_unshuffled_splits():
