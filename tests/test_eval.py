@@ -34,7 +34,7 @@ from var.eval.fidelity import (
     write_random_inception_weights,
 )
 from var.eval.images import ImageFolder, Samples, load_samples, save_npz_samples, save_pngs
-from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from var.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall, within_class_spread
 from var.eval.reference import ReferenceSource
 from var.tokenizers.vqvae import VQVAE
 from var.utils import to_uint8
@@ -159,6 +159,37 @@ def test_metrics_equal_torch_fidelity_on_the_same_features(tmp_path):
     assert ours["is"] == pytest.approx(theirs["inception_score_mean"], rel=1e-9)
     assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
     assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+
+
+def test_exports_are_shuffled_with_labels_aligned_so_inception_score_ignores_generation_order(tmp_path):
+    """Samplers emit class-ordered sets; exported in a seeded shuffled order, consecutive IS splits see every class."""
+    classes, per_class = 100, 40
+    labels = torch.arange(classes).repeat_interleave(per_class)  # class-ordered, as generated
+    images = (labels % 256).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()  # pixel = label
+    confident = F.one_hot(labels, classes).double() * 20  # synthetic logits of a confident classifier
+    ordered_is = inception_score(confident, split_size=400)[0]
+    scores = []
+    for order in (torch.arange(len(labels)), torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))):
+        save_npz_samples(tmp_path / "samples.npz", Samples(images[order], labels[order]).shuffled())
+        exported = load_samples(tmp_path / "samples.npz")
+        assert torch.equal(exported.images[:, 0, 0, 0].long(), exported.labels)  # labels stay with their images
+        assert not torch.equal(exported.labels, labels[order])  # really shuffled
+        assert sorted(exported.labels.tolist()) == labels.tolist()
+        scores.append(inception_score(F.one_hot(exported.labels, classes).double() * 20, split_size=400)[0])
+    # ~10 classes per split when class-ordered, ~all 100 when shuffled, whatever order they were generated in
+    assert ordered_is < 11 and min(scores) > 3 * ordered_is
+    assert scores[0] == pytest.approx(scores[1], rel=0.05)
+    assert torch.equal(Samples(images, labels).shuffled(3).labels, Samples(images, labels).shuffled(3).labels)
+
+
+def test_within_class_spread_is_zero_for_collapsed_classes_and_scales_with_the_spread():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(50)
+    centres = torch.randn(4, 8, generator=generator)[labels] * 10
+    noise = torch.randn(200, 8, generator=generator)
+    assert within_class_spread(centres, labels) == pytest.approx(0, abs=1e-9)  # ten identical 0s: no diversity
+    assert within_class_spread(centres + 2 * noise, labels) == pytest.approx(
+        2 * within_class_spread(centres + noise, labels))  # the class centres do not count
 
 
 def test_inception_score_uses_consecutive_unshuffled_splits():
@@ -373,7 +404,7 @@ def test_eval_ckpt_sweep_exports_reports_and_plot(tmp_path, tiny_bundle, capsys)
     assert (sampling["cfg"], sampling["top_k"], sampling["top_p"], sampling["seed"]) == (3.0, 900, 0.96, 0)
     assert report["evaluation"]["extractor"] == TOY and report["num_samples"] == 6
     exported = load_samples(out / "cfg_3.0" / "samples.npz")
-    assert exported.images.shape == (6, 3, 8, 8) and exported.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert exported.images.shape == (6, 3, 8, 8) and sorted(exported.labels.tolist()) == [0, 0, 1, 1, 2, 2]
     assert len(list((out / "cfg_3.0" / "samples").rglob("*.png"))) == 6
     # the same batches and seeds as `var sample`: evaluation scores exactly what sampling shows
     main(["sample", "--ckpt", str(tiny_bundle), "--device", "cpu", "--per-class", "2", "--batch-size", "4",
@@ -390,7 +421,7 @@ def test_eval_samples_the_raster_ar_for_ar_samplers(tmp_path):
         out = tmp_path / sampler
         main(["eval", "--ckpt", str(bundle), "--sampler", sampler, "--device", "cpu", "--per-class", "2",
               "--no-metrics", "--no-progress", "--out", str(out)])
-        assert load_samples(out / "samples.npz").labels.tolist() == [0, 0, 1, 1, 2, 2]
+        assert sorted(load_samples(out / "samples.npz").labels.tolist()) == [0, 0, 1, 1, 2, 2]
 
 
 def test_sharded_sampling_over_two_processes_matches_one(tmp_path, tiny_bundle):
@@ -405,7 +436,7 @@ def test_sharded_sampling_over_two_processes_matches_one(tmp_path, tiny_bundle):
     assert finished.returncode == 0, finished.stderr[-3000:]
     one, two = load_samples(tmp_path / "one" / "samples.npz"), load_samples(tmp_path / "two" / "samples.npz")
     # 9 samples in 5 batches over 2 processes: every (class, index) once, in order, with the same pixels
-    assert two.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert torch.equal(one.images, two.images)
+    assert sorted(two.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(one.labels, two.labels) and torch.equal(one.images, two.images)  # the same export order
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["sampling"]["num_processes"] == 2

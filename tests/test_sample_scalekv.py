@@ -150,9 +150,10 @@ def test_budget_allocation_and_json_round_trip(pair, tmp_path):
         if cfg.scale_bounds[k - 1][1] > per_layer:  # compressed scales: the low-ASI layer drafts, keeps more
             assert budget.drafters[k] == [1]
             assert budget.history[k][1] > budget.history[k][0]
-            assert sum(budget.history[k]) == per_layer * cfg.depth
         else:
             assert budget.history[k] == [cfg.scale_bounds[k - 1][1]] * cfg.depth
+    # the buffers (each layer's largest share) together hold the budget, which the scales use up to
+    assert sum(budget.capacities(0, cfg.num_scales)) == per_layer * cfg.depth
     path = tmp_path / "budget.json"
     budget.save(path)
     assert KVBudget.load(path) == budget
@@ -206,6 +207,41 @@ def test_smaller_window_lets_small_models_keep_fewer_tokens(pair):
     wide = build_sampler("scalekv", model, vqvae, SETTINGS, kv_budget=0.1).sample(LABELS, seed=0)
     narrow = build_sampler("scalekv", model, vqvae, SETTINGS, kv_budget=0.1, kv_window=2).sample(LABELS, seed=0)
     budget = KVBudget.uniform(model.config, 0.1, window_side=2)
-    assert budget.history[-1] == [6] * model.config.depth  # 10% of the 55-token prefix, above SOS + 2x2 window
+    assert budget.history[-1] == [5] * model.config.depth  # 10% of the 55-token prefix: SOS + 2x2 window
     assert KVBudget.uniform(model.config, 0.1).history[-1] == [17] * model.config.depth  # SOS + 4x4 window
     assert narrow.stats["kv_bytes_held"] < wide.stats["kv_bytes_held"]
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2, 0.6])
+def test_budget_is_at_most_that_fraction_of_the_full_cache_bytes_per_runner(pair, fraction, capsys):
+    """--kv-budget B: every runner's buffers hold at most B of its full cache's bytes, or the run says why."""
+    vqvae, model = pair
+    cfg = model.config
+    full = VARSampler(model, vqvae, SETTINGS).sample(LABELS, seed=0).stats["kv_bytes"]
+    out = build_sampler("scalekv", model, vqvae, SETTINGS, kv_budget=fraction, kv_window=1).sample(LABELS, seed=0)
+    assert out.stats["kv_bytes"] <= fraction * full
+    assert out.stats["kv_fraction"] == pytest.approx(out.stats["kv_bytes"] / full)
+    assert out.stats["kv_budget"] == fraction
+    # roles that alternate between scales must not add up each layer's largest share
+    alternating = [[] if k == 0 else [k % cfg.depth] for k in range(cfg.num_scales)]
+    budget = KVBudget.from_roles(cfg, fraction, alternating, window_side=1)
+    budget.check(cfg)
+    assert sum(budget.capacities(0, cfg.num_scales)) <= fraction * cfg.depth * cfg.scale_bounds[-1][0]
+    # CoDe: each runner (the drafter's scales, the refiner's) is held to the budget of its own full cache
+    _, refiner = make_tiny_pair(5, depth=1, width=16, num_heads=1, patch_nums=PATCH_NUMS)
+    plain = build_sampler("code", model, vqvae, SETTINGS, refiner=refiner, draft_steps=4).sample(LABELS, seed=0)
+    both = build_sampler("code", model, vqvae, SETTINGS, refiner=refiner, draft_steps=4, kv_budget=fraction,
+                         kv_window=1).sample(LABELS, seed=0)
+    err = capsys.readouterr().err
+    for phase in ("drafter", "refiner"):  # the drafter's full cache is 14 tokens: 5 % or 10 % is below SOS + 1
+        ratio = both.stats[f"kv_bytes_{phase}"] / plain.stats[f"kv_bytes_{phase}"]
+        assert ratio == pytest.approx(both.stats[f"kv_fraction_{phase}"])
+        assert ratio <= fraction or (fraction * 14 < 2 and "cannot be met" in err)
+
+
+def test_a_budget_below_the_window_floor_says_so(pair, capsys):
+    vqvae, model = pair
+    out = build_sampler("scalekv", model, vqvae, SETTINGS, kv_budget=0.05).sample(LABELS, seed=0)
+    assert out.stats["kv_fraction"] > 0.05
+    err = capsys.readouterr().err
+    assert err.count("warning: KV budget 0.05 cannot be met") == 1 and f"{out.stats['kv_fraction']:.3f}" in err

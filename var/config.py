@@ -389,6 +389,9 @@ class DemoConfig:
     seed: int = 0
     classifier_epochs: int = 15
     threads: int = 1  # torch CPU threads (0 = torch's default); see var/train/demo.py
+    # overrides of the var stage for a second VAR on the same tokenizer (OUT/refiner_run), e.g. a smaller
+    # model as CoDe's refiner: ["var.model.depth=2", "var.model.width=64"]; empty: none
+    refiner: list[str] = field(default_factory=list)
 
 
 @dataclass

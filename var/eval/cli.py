@@ -139,10 +139,16 @@ def summary_line(metrics: dict) -> str:
 
 def export_and_evaluate(samples: Samples, evaluator: Evaluator | None, out: Path, args: argparse.Namespace,
                         report: dict) -> dict:
-    """Write the samples (npz / PNGs), compute the metrics and write OUT/report.json; returns the metrics."""
+    """Write the samples (npz / PNGs), compute the metrics and write OUT/report.json; returns the metrics.
+
+    Generated samples are written and scored in a seeded shuffled order, so that Inception Score over
+    consecutive splits sees every class in every split; a given npz is scored in its own order."""
     out.mkdir(parents=True, exist_ok=True)
     exports = {}
-    if not args.no_npz and not str(report.get("samples", "")).endswith(".npz"):
+    given_npz = str(report.get("samples", "")).endswith(".npz")
+    if not given_npz:
+        samples = samples.shuffled()
+    if not args.no_npz and not given_npz:
         save_npz_samples(out / "samples.npz", samples)
         exports["npz"] = str(out / "samples.npz")
     if args.png:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from var.data.digits import UPSAMPLING
 from var.eval.classifier import DigitClassifier, load_digit_classifier, save_digit_classifier, train_digit_classifier
 from var.eval.fidelity import ExtractorWeights, check_uint8_images, register_extractor
 from var.utils import cache_dir, sha256_of
@@ -33,7 +34,8 @@ def resolve_digit_classifier(path: str | None = None) -> ExtractorWeights:
         if not Path(path).is_file():
             raise FileNotFoundError(f"digit classifier weights {path} not found")
     else:
-        path = cache_dir() / f"digit_classifier-{TRAIN_IMAGE_SIZE}px-e{TRAIN_EPOCHS}-s{TRAIN_SEED}.safetensors"
+        name = f"digit_classifier-{TRAIN_IMAGE_SIZE}px-{UPSAMPLING}-e{TRAIN_EPOCHS}-s{TRAIN_SEED}.safetensors"
+        path = cache_dir() / name
         if not path.is_file():
             print(f"training the digit classifier once (cached at {path})", file=sys.stderr)
             save_digit_classifier(train_digit_classifier(TRAIN_IMAGE_SIZE, TRAIN_EPOCHS, TRAIN_SEED), path)

@@ -1,5 +1,7 @@
 """Image sets on disk: the OpenAI samples ``.npz`` (``arr_0``: uint8 NHWC, optional ``labels``) and PNG folders.
 
+Generated sets are exported (and scored) in a seeded shuffled order (:meth:`Samples.shuffled`).
+
 Everything is handed to feature extractors as uint8 (N, 3, H, W), the only input torch-fidelity accepts.
 Exported PNGs go to ``DIR/<label>/<index>.png`` so a folder keeps its labels; reading a folder takes labels
 from parent folders named by a number and otherwise leaves them unknown.
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from var.utils import atomic_savez, atomic_write, open_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXPORT_SHUFFLE_SEED = 0  # the order of exported sample sets (see Samples.shuffled)
 
 
 @dataclass
@@ -31,6 +34,21 @@ class Samples:
     def __post_init__(self) -> None:
         if self.labels is not None and len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+    def shuffled(self, seed: int = EXPORT_SHUFFLE_SEED) -> Samples:
+        """The samples in a seeded random order, labels kept aligned.
+
+        Samplers emit class-ordered sets; Inception Score over consecutive splits (the OpenAI evaluator) then
+        sees a few classes per split and comes out far too low.  The permutation depends only on ``seed`` and
+        the count, so two same-seed sample sets stay paired image by image.
+        """
+        order = export_order(len(self.images), seed)
+        return Samples(self.images[order], None if self.labels is None else self.labels[order])
+
+
+def export_order(count: int, seed: int = EXPORT_SHUFFLE_SEED) -> torch.Tensor:
+    """The seeded permutation of :meth:`Samples.shuffled` (for data kept beside the samples, e.g. prompts)."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
 def nhwc_to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
@@ -54,9 +72,10 @@ def load_npz_samples(path: str | os.PathLike) -> Samples:
     return Samples(images, labels)
 
 
-def save_npz_samples(path: str | os.PathLike, samples: Samples) -> None:
-    """Write the OpenAI evaluator's format: ``arr_0`` uint8 (N, H, W, 3), plus ``labels`` when known."""
-    arrays = {"arr_0": samples.images.permute(0, 2, 3, 1).contiguous().numpy()}
+def save_npz_samples(path: str | os.PathLike, samples: Samples, **extra: np.ndarray) -> None:
+    """Write the OpenAI evaluator's format: ``arr_0`` uint8 (N, H, W, 3), plus ``labels`` when known and the
+    ``extra`` arrays (e.g. ``prompts``)."""
+    arrays = {"arr_0": samples.images.permute(0, 2, 3, 1).contiguous().numpy(), **extra}
     if samples.labels is not None:
         arrays["labels"] = samples.labels.numpy().astype(np.int64)
     atomic_savez(path, **arrays)

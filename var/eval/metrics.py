@@ -127,3 +127,13 @@ def class_consistency_from_logits(logits: torch.Tensor, labels: torch.Tensor) ->
     if len(logits) != len(labels):
         raise ValueError(f"{len(logits)} predictions for {len(labels)} labels")
     return (logits.argmax(dim=1).cpu() == labels.cpu()).float().mean().item()
+
+
+def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Root mean squared distance of features to their class mean, averaged over classes: how varied the
+    samples of one class are (compare it with the real data's; collapsed samples give ~0)."""
+    spreads = []
+    for label in labels.unique():
+        members = features[labels == label].double()
+        spreads.append((members - members.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt())
+    return torch.stack(spreads).mean().item()

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from var.config import ConfigError, load_experiment
 from var.data import DigitsDataset, ShapesDataset
+from var.data.digits import UPSAMPLING as DIGITS_UPSAMPLING
 from var.data.imagefolder import ImageFolderDataset, official_transform
 from var.data.registry import SPLITS, DataConfig, build_dataset
 from var.eval.fidelity import FeatureExtractor
@@ -146,8 +147,8 @@ class ReferenceSource:
 
     def fingerprint(self, image_size: int | None, resize: int | None) -> str:
         """Identity of the reference pixels: file content hash, folder listing, or dataset settings and size."""
-        if self.kind == "dataset":
-            return f"{self.spec}@{image_size}"
+        if self.kind == "dataset":  # digits: the upsampling is part of the pixels
+            return f"{self.spec}@{image_size}" + (f"/{DIGITS_UPSAMPLING}" if self.spec.startswith("digits") else "")
         if self.kind == "config":
             data, split = self.config
             settings = {**vars(data), "num_workers": None, "hflip": None, "image_size": image_size, "split": split}

@@ -91,6 +91,10 @@ class KVCache:
         """Roll every layer back to its first ``length`` tokens (speculative decoding)."""
         self.lengths = [min(length, current) for current in self.lengths]
 
+    def stats(self) -> dict[str, float]:
+        """A policy's own figures for the sampler stats (ScaleKV: requested and real fraction of the bytes)."""
+        return {}
+
     def allocated_bytes(self) -> int:
         """Bytes of the buffers (what the cache costs in memory)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

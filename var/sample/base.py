@@ -115,8 +115,10 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 def kv_stats(cache: KVCache, suffix: str = "") -> dict[str, int]:
-    """KV memory of one cache: bytes of its buffers, and bytes of the keys/values it holds at the end."""
-    return {f"kv_bytes{suffix}": cache.allocated_bytes(), f"kv_bytes_held{suffix}": cache.used_bytes()}
+    """KV memory of one cache: bytes of its buffers, bytes of the keys/values it holds at the end, and the
+    policy's own figures (ScaleKV: ``kv_budget`` requested, ``kv_fraction`` of the full cache's bytes)."""
+    stats = {f"kv_bytes{suffix}": cache.allocated_bytes(), f"kv_bytes_held{suffix}": cache.used_bytes()}
+    return stats | {f"{key}{suffix}": value for key, value in cache.stats().items()}
 
 
 def decode_images(tokenizer, latent: torch.Tensor, chunk: int = 64) -> torch.Tensor:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from var.argtypes import integer
+from var.eval.images import Samples, export_order, save_npz_samples
 from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
@@ -31,13 +32,15 @@ from var.sample.arguments import (
 from var.sample.batches import sample_in_batches
 from var.sample.registry import build_sampler
 from var.text import T5TextEncoder
-from var.utils import atomic_savez, resolve_device, save_grid
+from var.utils import resolve_device, save_grid
 
 
 def memory_summary(stats: dict) -> str:
     """One line on the KV cache (and CUDA peak) of a batch, from its sampler stats."""
     mib = 2**20
     line = f"KV cache {stats['kv_bytes'] / mib:.2f} MiB allocated, {stats['kv_bytes_held'] / mib:.2f} MiB held"
+    if stats.get("kv_fraction") is not None:
+        line += f" ({stats['kv_fraction']:.3f} of the full cache, budget {stats['kv_budget']:g})"
     if stats.get("peak_cuda_bytes") is not None:
         line += f"; peak CUDA memory {stats['peak_cuda_bytes'] / mib:.0f} MiB"
     return line
@@ -53,7 +56,8 @@ def add_parser(subparsers) -> None:
     which.add_argument("--per-class", type=integer(1), help="this many samples of every class, one row per class")
     add_text_arguments(parser, which)
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
-    parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels or prompts)")
+    parser.add_argument("--npz", help="also write the samples as an npz (arr_0: uint8 NHWC, labels or prompts), in a "
+                                      "seeded shuffled order")
     parser.add_argument("--nrow", type=integer(1), help="images per grid row")
     parser.set_defaults(func=run)
 
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> None:
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out} ({memory_summary(stats[0])} in the first batch)")
     if args.npz:
-        given = {"prompts": np.array(prompts)} if prompts is not None else {"labels": conditions.numpy()}
-        atomic_savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), **given)
+        # a seeded order, so that Inception Score's consecutive splits see every class; prompts follow their images
+        samples = Samples(images, None if prompts is not None else conditions).shuffled()
+        given = {} if prompts is None else {"prompts": np.array(prompts)[export_order(len(prompts)).numpy()]}
+        save_npz_samples(args.npz, samples, **given)
         print(f"wrote {args.npz}")

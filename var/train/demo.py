@@ -18,8 +18,11 @@ import torch
 from var.config import load_experiment
 from var.data.digits import DigitsDataset
 from var.eval.classifier import class_consistency, train_digit_classifier
+from var.eval.digit_features import DIGITS_EXTRACTOR
+from var.eval.evaluate import Evaluator
 from var.eval.generate import class_balanced_labels
 from var.eval.images import Samples, save_npz_samples
+from var.eval.metrics import within_class_spread
 from var.loading import load_pair
 from var.sample.batches import sample_in_batches
 from var.sample.scale import VARSampler
@@ -73,6 +76,12 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
     phase = time.perf_counter()
     var_metrics = VARTrainer(experiment, var_run, tokenizer=tokenizer_run, resume=RunDirectory(var_run).exists(),
                              progress=progress).fit()
+    refiner_metrics = None
+    if experiment.demo.refiner:  # a second VAR on the same tokenizer: CoDe's refiner
+        refiner_run = out / "refiner_run"
+        refiner = load_experiment(config, [*overrides, *experiment.demo.refiner])
+        refiner_metrics = VARTrainer(refiner, refiner_run, tokenizer=tokenizer_run,
+                                     resume=RunDirectory(refiner_run).exists(), progress=progress).fit()
     var_seconds = time.perf_counter() - phase
 
     phase = time.perf_counter()
@@ -86,12 +95,20 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
     images = sample_in_batches(sampler, labels, batch_size=len(labels), seed=demo.seed,
                                device=torch.device("cpu"), dtype="fp32", progress=progress)  # uint8 (N, 3, H, W)
     consistency = class_consistency(classifier, images.float() / 127.5 - 1, labels)
+    # classifier-space FID and precision/recall against the training digits; diversity: the within-class
+    # spread of the samples' classifier features over that of the real training digits
+    distribution = Evaluator(DIGITS_EXTRACTOR, "digits", metrics=("fid", "pr"), progress=False).evaluate(
+        Samples(images, labels))
+    train = DigitsDataset("train", image_size=image_size)
+    with torch.no_grad():
+        spread = within_class_spread(classifier.features(images.float() / 127.5 - 1), labels)
+        real_spread = within_class_spread(classifier.features(train.images), train.labels)
     sample_seconds = time.perf_counter() - phase
 
     out.mkdir(parents=True, exist_ok=True)
     per_class = images.view(model.num_classes, demo.per_class, *images.shape[1:])[:, : demo.grid_per_class]
     save_grid(per_class.flatten(0, 1), out / "grid.png", nrow=demo.grid_per_class)
-    save_npz_samples(out / "samples.npz", Samples(images, labels))
+    save_npz_samples(out / "samples.npz", Samples(images, labels).shuffled())
     report = {
         "wall_seconds": time.perf_counter() - wall_start,
         "cpu_seconds": time.process_time() - cpu_start,
@@ -100,7 +117,12 @@ def run_demo(out: str | Path, config: str | Path = DEFAULT_CONFIG, overrides: li
         "sample_seconds": sample_seconds,
         "tokenizer": tokenizer_metrics,
         "var": var_metrics,
+        "refiner": refiner_metrics,
         "class_consistency": consistency,
+        "recall": distribution["recall"],
+        "precision": distribution["precision"],
+        "classifier_fid": distribution["fid"],
+        "diversity": spread / real_spread,
         "judge_accuracy": judge_accuracy,
         "num_samples": len(labels),
     }
@@ -122,13 +144,18 @@ def print_report(report: dict, out: Path, experiment) -> None:
         f"codebook usage {tokenizer.get('usage/all', nan):.0%} (per scale {usage})",
         f"  VAR: loss {var.get('loss', nan):.4f}, token accuracy {var.get('acc', nan):.1%} "
         f"(last scale {var.get('acc_tail', nan):.1%})",
+        *([f"  refiner ({out / 'refiner_run'}): loss {report['refiner'].get('loss', nan):.4f}, token accuracy "
+           f"{report['refiner'].get('acc', nan):.1%}; CoDe: var sample --sampler code --ckpt {out / 'var_run'} "
+           f"--refiner {out / 'refiner_run'}"] if report["refiner"] else []),
         f"  samples: {report['num_samples']} (cfg {settings.cfg}, top_k {settings.top_k}, top_p {settings.top_p}, "
         f"temperature {settings.temperature})",
         f"  class-consistency: {report['class_consistency']:.1%} under a digit classifier "
         f"({report['judge_accuracy']:.1%} on held-out real digits)",
+        f"  recall {report['recall']:.2f}, precision {report['precision']:.2f}, classifier-space FID "
+        f"{report['classifier_fid']:.2f}, diversity {report['diversity']:.2f}x the real digits' within-class spread",
         f"  wrote {out / 'grid.png'} (one row per class) and {out / 'samples.npz'}",
         f"  more samples: var sample --ckpt {out / 'var_run'} --per-class 8 --cfg {settings.cfg} "
-        f"--top-k {_flag(settings.top_k)} --top-p {_flag(settings.top_p)}",
+        f"--top-k {_flag(settings.top_k)} --top-p {_flag(settings.top_p)} --temperature {_flag(settings.temperature)}",
     ]
     print("\n".join(lines))
 

@@ -1,10 +1,11 @@
 """ScaleKV budgets: how many cached tokens each layer keeps at each scale (calibrated by calibrate.py).
 
 A budget says, for every scale k and layer l, how many history tokens (of scales < k) layer l still holds
-when it decodes scale k.  A uniform budget of fraction f gives every layer round(f * P) tokens, P being
-the prefix the last scale attends to (424 tokens at 256 px); scales whose whole history fits are never
-compressed, and no layer keeps fewer than the SOS sink plus the observation window of the scale just
-decoded.
+when it decodes scale k.  A budget of fraction f holds a runner's buffers to at most f of its full cache's
+bytes: a uniform one gives every layer floor(f * P) tokens, P being the prefix the runner's last scale
+attends to (424 tokens at 256 px); scales whose whole history fits are never compressed, and no layer
+keeps fewer than the SOS sink plus the observation window of the scale just decoded (the one thing that
+can exceed f: the run then says so).
 
 Calibration (spec_accel.md 2.2) classifies (layer, scale) pairs: the Attention Selectivity Index
 ASI = E_q[attention mass on the current scale] * E_q[mass of the K' largest history attentions] is high
@@ -17,6 +18,7 @@ allows, refiners split what remains.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,9 +70,10 @@ class KVBudget:
 
     # -- building -------------------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, config: VARConfig, fraction: float, window_side: int = WINDOW_SIDE) -> KVBudget:
-        """Every layer keeps the same number of history tokens."""
-        return cls.from_roles(config, fraction, [[] for _ in config.patch_nums], window_side)
+    def uniform(cls, config: VARConfig, fraction: float, window_side: int = WINDOW_SIDE,
+                stop: int | None = None) -> KVBudget:
+        """Every layer keeps the same number of history tokens (``stop``: see :meth:`from_roles`)."""
+        return cls.from_roles(config, fraction, [[] for _ in config.patch_nums], window_side, stop=stop)
 
     @classmethod
     def from_roles(
@@ -80,22 +83,43 @@ class KVBudget:
         drafters: Sequence[Sequence[int]],
         window_side: int = WINDOW_SIDE,
         selectivity: list[list[float] | None] | None = None,
+        stop: int | None = None,
     ) -> KVBudget:
-        """Allocate tokens per layer and scale given which layers are drafters at each scale."""
+        """Allocate tokens per layer and scale given which layers are drafters at each scale.
+
+        The bytes are the buffers', each layer's sized for the most it ever keeps, so the allocation holds
+        the sum over layers of those maxima to ``fraction`` of the full cache of a runner decoding scales
+        [0, ``stop``) (default: all; the full cache keeps every scale but the last).  Only the SOS +
+        window floor can exceed it (:meth:`fraction_of_full` says by how much).
+        """
         if not 0 < fraction <= 1:
             raise ValueError(f"the KV budget is a fraction of the cache in (0, 1], got {fraction}")
         if window_side < 1:
             raise ValueError(f"the observation window side must be at least 1, got {window_side}")
-        tokens = config.tokens_per_scale
-        prefix = config.seq_len - tokens[-1]
-        per_layer = max(round(fraction * prefix), 1)
-        depth = config.depth
+        stop = config.num_scales if stop is None else stop
+        per_layer = max(math.floor(fraction * config.scale_bounds[stop - 1][0] + 1e-9), 1)  # never above B
+        total = per_layer * config.depth
+        unlimited = [config.seq_len] * config.depth
+        history = cls._allocate(config, per_layer, drafters, window_side, unlimited)
+        wanted = [max(column) for column in zip(*history[:stop], strict=True)]  # each layer's buffer
+        if sum(wanted) > total:  # roles differ between scales: cap every layer's buffer by water-filling
+            level = max(lv for lv in range(max(wanted) + 1) if sum(min(w, lv) for w in wanted) <= total)
+            history = cls._allocate(config, per_layer, drafters, window_side, [min(w, level) for w in wanted])
+        return cls(tuple(config.patch_nums), config.depth, float(fraction), per_layer, window_side, history,
+                   [sorted(d) for d in drafters], selectivity)
+
+    @staticmethod
+    def _allocate(config: VARConfig, per_layer: int, drafters: Sequence[Sequence[int]], window_side: int,
+                  caps: list[int]) -> list[list[int]]:
+        """history[k][l]: drafters keep as much as the refiners' floor allows, refiners share the rest of
+        per_layer * depth; no layer keeps more than its cap or fewer than the SOS + window floor."""
+        tokens, depth = config.tokens_per_scale, config.depth
         history = [[0] * depth]
         for k in range(1, config.num_scales):
             available = [held + tokens[k - 1] for held in history[-1]]  # before compressing after scale k-1
             floor = 1 + len(window_offsets(config.patch_nums[k - 1], window_side))  # SOS sink + window
-            if config.scale_bounds[k - 1][1] <= per_layer:  # the whole history fits: nothing to compress
-                history.append(available)
+            if all(a <= min(per_layer, cap) for a, cap in zip(available, caps, strict=True)):
+                history.append(available)  # the whole history fits: nothing to compress
                 continue
             total = per_layer * depth
             drafting = sorted(drafters[k])
@@ -104,14 +128,14 @@ class KVBudget:
             if drafting:
                 cap = max((total - floor * len(refining)) // len(drafting), floor)
                 for layer in drafting:
-                    kept[layer] = min(available[layer], cap)
+                    kept[layer] = cap
             if refining:
-                share = (total - sum(kept)) // len(refining)
+                share = (total - sum(min(kept[layer], available[layer]) for layer in drafting)) // len(refining)
                 for layer in refining:
-                    kept[layer] = min(available[layer], max(share, floor))
-            history.append(kept)
-        return cls(tuple(config.patch_nums), depth, float(fraction), per_layer, window_side, history,
-                   [sorted(d) for d in drafters], selectivity)
+                    kept[layer] = share
+            history.append([min(available[layer], max(min(kept[layer], caps[layer]), floor))
+                            for layer in range(depth)])
+        return history
 
     @classmethod
     def from_selectivity(
@@ -157,6 +181,13 @@ class KVBudget:
                         f"KV budget: layer {layer} at scale {k} keeps {self.history[k][layer]} tokens, outside "
                         f"[{min(available, floor)}, {available}] (SOS + window .. all it holds)"
                     )
+
+    def fraction_of_full(self, config: VARConfig, start: int = 0, stop: int | None = None) -> float:
+        """Bytes of a runner's buffers for scales [start, stop) over those of the full cache (every scale
+        below stop - 1 kept): what the budget really costs, above ``fraction`` only where floors force it."""
+        stop = config.num_scales if stop is None else stop
+        full = config.scale_bounds[stop - 1][0] * self.num_layers
+        return sum(self.capacities(start, stop)) / full if full else 1.0
 
     def capacities(self, start: int, stop: int) -> list[int]:
         """Tokens each layer's buffer needs for a runner decoding scales [start, stop): the most it keeps

@@ -21,6 +21,7 @@ VAR has absolute position embeddings added at the input, so kept keys need no po
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,8 @@ def policy_from_options(options: KVOptions, model, budget: float | str | KVBudge
 class ScaleKVCache(KVCache):
     """A KV cache that stores, after each layer's attention, only the tokens of its budget.
 
-    ``capacity`` comes from :meth:`KVBudget.capacities` for the scales the runner decodes.
+    ``capacity`` comes from :meth:`KVBudget.capacities` for the scales the runner decodes, ``fraction``
+    from :meth:`KVBudget.fraction_of_full` (reported in the stats next to the requested budget).
     """
 
     def __init__(
@@ -111,15 +113,20 @@ class ScaleKVCache(KVCache):
         scoring: str = "softmax",
         share_cfg_choice: bool = False,
         pool_kernel: int = 5,
+        fraction: float = 1.0,
     ):
         super().__init__(budget.num_layers, capacity)
         self.budget = budget
+        self.fraction = fraction  # bytes of these buffers over those of the runner's full cache
         self.scoring = scoring
         self.share_cfg_choice = share_cfg_choice
         self.pool_kernel = pool_kernel
         self.raw_queries = scoring == "raw"  # the model hands after_attention x W_q instead of its queries
         self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # this layer's pass, not yet stored
         self.lengths_at_pass_start = list(self.lengths)
+
+    def stats(self) -> dict[str, float]:
+        return {"kv_budget": self.budget.fraction, "kv_fraction": self.fraction}
 
     def begin_pass(self, scale_index: int, persist: bool = True) -> None:
         super().begin_pass(scale_index, persist)
@@ -223,6 +230,7 @@ class ScaleKVPolicy(KVPolicy):
         self.share_cfg_choice = share_cfg_choice
         self.pool_kernel = pool_kernel
         self.window_side = window_side
+        self.warned = False  # the budget-cannot-be-met line is printed once
 
     def budget_for(self, model) -> KVBudget:
         if isinstance(self.budget, KVBudget):
@@ -231,7 +239,18 @@ class ScaleKVPolicy(KVPolicy):
         return KVBudget.uniform(budget_shape(model), float(self.budget), self.window_side)
 
     def make_cache(self, model, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
-        budget = self.budget_for(model)
+        """A cache holding at most the budget's fraction of this runner's full cache (a fractional budget is
+        allocated for the scales the runner decodes); where the SOS + window floor forces more, one line
+        on stderr says so, once per policy, and the stats report the real fraction."""
         stop = model.schedule.num_scales if stop is None else stop
-        return ScaleKVCache(budget, budget.capacities(start, stop), self.scoring, self.share_cfg_choice,
-                            self.pool_kernel)
+        if isinstance(self.budget, KVBudget):
+            budget = self.budget_for(model)
+        else:
+            budget = KVBudget.uniform(model.config, float(self.budget), self.window_side, stop=stop)
+        cache = ScaleKVCache(budget, budget.capacities(start, stop), self.scoring, self.share_cfg_choice,
+                             self.pool_kernel, budget.fraction_of_full(model.config, start, stop))
+        if cache.fraction > budget.fraction + 1e-9 and not self.warned:
+            self.warned = True
+            print(f"warning: KV budget {budget.fraction:g} cannot be met: the SOS + observation-window floor keeps "
+                  f"{cache.fraction:.3f} of the full cache (a smaller --kv-window keeps fewer)", file=sys.stderr)
+        return cache

@@ -55,18 +55,36 @@ class ScaleSpeculationOptions(GumbelOption):
                                choices=DRAFT_SOURCES)
 
 
+class LastScaleTransientCache(KVCache):
+    """Plain VAR's cache (every scale but the last), for passes that may reach the last scale.
+
+    A speculative pass ending at the last scale must keep the keys of its earlier blocks (they may be
+    decided) but never needs the last scale's: nothing attends to them after the pass.  So the keys/values
+    beyond ``capacity`` (the last scale's block) are used for the pass's own attention and never stored,
+    and the buffers are exactly plain VAR's.
+    """
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        room = self.capacity[layer] - self.lengths[layer]
+        if not self.persist or k.shape[2] <= room:
+            return super().update(layer, k, v)
+        held_k, held_v = super().update(layer, k[:, :, :room], v[:, :, :room])
+        return torch.cat((held_k, k[:, :, room:].to(held_k.dtype)), dim=2), torch.cat((held_v, v[:, :, room:]), dim=2)
+
+
 class SpeculativeKVPolicy(KVPolicy):
-    """Full-size cache when the last scale can be part of a speculative (rollback-able) pass."""
+    """Plain VAR's cache size; when the last scale can join a speculative pass its block stays transient."""
 
     name = "speculative"
 
-    def __init__(self, cache_last_scale: bool):
-        self.cache_last_scale = cache_last_scale
+    def __init__(self, last_scale_speculated: bool):
+        self.last_scale_speculated = last_scale_speculated
 
     def make_cache(self, model: ScaleModel, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
-        if self.cache_last_scale:
-            return KVCache(model.depth, model.schedule.length)
-        return super().make_cache(model, rows, start, stop)
+        cache = super().make_cache(model, rows, start, stop)
+        if self.last_scale_speculated:
+            return LastScaleTransientCache(cache.num_layers, cache.capacity)
+        return cache
 
 
 class ScaleSpeculativeSampler(ScaleSampler):
@@ -87,8 +105,8 @@ class ScaleSpeculativeSampler(ScaleSampler):
         self.spec_max_tokens = self.options.spec_max_tokens
         self.draft_source = self.options.draft_source
         sizes = model.schedule.tokens
-        cache_last = self.spec_scales > 1 and len(sizes) > 1 and sizes[-1] <= self.spec_max_tokens
-        self.kv_policy = SpeculativeKVPolicy(cache_last)
+        last_speculated = self.spec_scales > 1 and len(sizes) > 1 and sizes[-1] <= self.spec_max_tokens
+        self.kv_policy = SpeculativeKVPolicy(last_speculated)
         # scales that can be drafted: those followed by a block small enough to join a pass
         self.draftable_scales = [scale for scale in range(len(sizes) - 1) if self.last_block(scale) > scale]
 
