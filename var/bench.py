@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from var.compile import compile_for_sampling
 from var.models.ar import ARConfig, RasterAR
 from var.models.var import VARConfig, build_var
 from var.sample.arguments import SETTINGS, settings_from_args
@@ -38,7 +39,7 @@ from var.sample.registry import (
     sampler_options,
 )
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
-from var.utils import autocast, compile_for_sampling, resolve_device
+from var.utils import autocast, resolve_device
 
 ANCHORS = Path(__file__).resolve().parents[1] / "benchmarks" / "official_h100.json"
 TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4))

@@ -10,11 +10,11 @@ import argparse
 
 import torch
 
+from var.compile import compile_for_sampling
 from var.loading import load_one, load_pair
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
-from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
 
