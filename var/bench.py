@@ -316,6 +316,10 @@ def bench_depth(depth: int, raster: bool, names: list[str], args: argparse.Names
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.official_var or args.official_code:
+        from var.bench_official import run as run_beside_official
+
+        return run_beside_official(args)
     args = finalize_defaults(args)
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -372,6 +376,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f"depth of the random-weight {name} for {', '.join(option_users()[name])} "
                                 f"(default {DEFAULT_MODEL_DEPTH}; --tiny: 1)")
     parser.add_argument("--out", default="out/bench")
+    parser.add_argument("--official-var", metavar="DIR", help="time the official VAR code of this checkout "
+                        "beside ours, interleaved, on the same random weights (var/bench_official.py)")
+    parser.add_argument("--official-code", metavar="DIR", help="the same for an official CoDe checkout: the "
+                        "deepest --depths drafts, --refiner-depth refines")
 
 
 def finalize_defaults(args: argparse.Namespace) -> argparse.Namespace:
