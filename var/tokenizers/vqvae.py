@@ -73,6 +73,12 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a 4-d tensor: channels-last or contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _fused_conv_add_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
 
@@ -139,8 +145,7 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, 1, HW, C)
         # (B, 1, HW, C) -> (B, C, H, W) in x's memory layout
         out = out.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        out = out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out = out.contiguous(memory_format=_layout(x))
         if torch.is_grad_enabled():
             return x + self.proj_out(out)
         return conv_accumulate_(self.proj_out, out, x) if consume else self.proj_out(out).add_(x)
@@ -157,13 +162,42 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Nearest 2x upsampling followed by a 3x3 convolution, seen from the low-resolution input: output row 2i
+# reads input rows (i-1, i, i) through kernel rows (0, 1, 2), output row 2i+1 reads (i, i, i+1).  So each
+# output phase is a 2x2 convolution whose kernel rows are sums of the 3x3 kernel's rows; _PHASE_ROWS[p, t]
+# selects the 3x3 rows summed into tap t of phase p (the same for columns).
+_PHASE_ROWS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution.
+
+    Without autograd the two run as one 2x2 convolution of the low-resolution input with the four output
+    phases as output channels (4/9 of the multiplications, and the 4x larger upsampled input is never
+    built), interleaved into the output; the result is the same up to float rounding.
+    """
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if torch.is_grad_enabled():
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        batch, _, height, width = x.shape
+        weight, bias = self.conv.weight, self.conv.bias
+        rows = _PHASE_ROWS.to(weight)
+        # (out, in, 3, 3) -> (row phase, column phase, out, in, 2, 2) -> (4 * out, in, 2, 2)
+        phases = torch.einsum("ptk,oikl,qsl->pqoits", rows, weight, rows).flatten(0, 2)
+        # window (r, c) of the padded input covers input rows r-1, r and columns c-1, c
+        windows = F.conv2d(F.pad(x, (1, 1, 1, 1)), phases, bias.repeat(4) if bias is not None else None)
+        windows = windows.unflatten(1, (2, 2, -1))  # (B, row phase, column phase, out, H + 1, W + 1)
+        out = torch.empty((batch, weight.shape[0], 2 * height, 2 * width), dtype=windows.dtype, device=x.device,
+                          memory_format=_layout(x))
+        for p in (0, 1):  # phase p of output row 2i (+p) is window row i + p
+            for q in (0, 1):
+                out[:, :, p::2, q::2] = windows[:, p, q, :, p:p + height, q:q + width]
+        return out
 
 
 class _Level(nn.Module):
