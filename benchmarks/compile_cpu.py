@@ -31,7 +31,7 @@ def child(args: argparse.Namespace) -> dict:
 
     from var.compile import compile_for_sampling
     from var.models.var import build_var
-    from var.sample.base import VARSampler
+    from var.sample.scale import VARSampler
     from var.sample.logits import SamplingSettings
     from var.tokenizers.vqvae import VQVAE
 

@@ -27,8 +27,8 @@ from torch import nn
 import dist
 from var.checkpoints import var_to_official, vqvae_to_official
 from var.models.var import VAR as OurVAR, VARConfig
-from var.sample.base import ScaleRunner, VARSampler
 from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
 from var.tokenizers.vqvae import VQVAE as OurVQVAE
 
 SEED_OFFSET = {seed_offset}
@@ -41,7 +41,11 @@ class VQVAE(nn.Module):
         super().__init__()
         self.impl = OurVQVAE(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=(1, 2),
                              num_res_blocks=1, share_quant_resi=share_quant_resi, patch_nums=v_patch_nums)
-        self.quantize, self.post_quant_conv = self.impl.quantize, self.impl.post_quant_conv
+        self.post_quant_conv = self.impl.post_quant_conv
+        # the official loop's own codebook lookups (see VAR._lookup): a module of its own sharing the weights
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(vocab_size, z_channels)
+        self.quantize.embedding.weight = self.impl.quantize.embedding.weight
 
     def state_dict(self, *args, **kwargs):
         return vqvae_to_official(self.impl)
@@ -99,7 +103,7 @@ class VAR(nn.Module):
                                        more_smooth=False, exit_num=7, temp=None):
         sampler = self._sampler(cfg, top_k, top_p, temp)
         state = sampler.begin(label_B, seed=g_seed + SEED_OFFSET)
-        sampler.run_scales(ScaleRunner(self.impl, state.labels, stop=exit_num), state, 0, exit_num)
+        sampler.run_scales(sampler.new_runner(state, stop=exit_num), state, 0, exit_num)
         self._lookup(state.indices)
         return state.f_hat, state  # the official hub holds features; this one the whole decode state
 
@@ -108,7 +112,7 @@ class VAR(nn.Module):
                                         more_smooth=False, draft=None, f_hat=None, entry_num=7, temp=1):
         sampler, state = self._sampler(cfg, top_k, top_p, temp), draft
         stop = self.impl.config.num_scales
-        sampler.run_scales(ScaleRunner(self.impl, state.labels, start=entry_num), state, entry_num, stop)
+        sampler.run_scales(sampler.new_runner(state, start=entry_num), state, entry_num, stop)
         self._lookup(state.indices[entry_num:])
         return self.vae_proxy[0].fhat_to_img(state.f_hat).add_(1).mul_(0.5)
 

@@ -42,9 +42,10 @@ from torch import nn
 
 from var.checkpoints import load_official_var, load_official_vqvae
 from var.compile import compile_for_sampling
-from var.sample.base import VARSampler
+from var.sample.arguments import settings_from_args
 from var.sample.code import CoDeSampler
 from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
 from var.tokenizers.vqvae import OFFICIAL_PATCH_NUMS_256
 from var.utils import autocast, resolve_device
 
@@ -381,7 +382,7 @@ def our_side(sampler: VARSampler) -> Side:
         return {"images": output.images, "tokens": output.indices, "kv_bytes": output.stats.get("kv_bytes")}
 
     transformers = (sampler.model, *([sampler.refiner] if isinstance(sampler, CoDeSampler) else []))
-    return Side("ours", sampler.vqvae, transformers, call)
+    return Side("ours", sampler.tokenizer, transformers, call)
 
 
 def compare_tokens(official: list[torch.Tensor], ours: list[torch.Tensor]) -> str | None:
@@ -511,7 +512,7 @@ def configurations(models: ModuleType, code: bool, args: argparse.Namespace, dev
 
     VAR: every depth of --depths.  CoDe: the deepest of --depths drafts, --refiner-depth refines.
     """
-    settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    settings = official_settings(args)
     for depths in [(max(args.depths), args.refiner_depth)] if code else [(d,) for d in args.depths]:
         official_models = build_official(models, depths, args.tiny, device)
         vqvae, *transformers = ours_from_official(*official_models, device=device)
@@ -533,6 +534,17 @@ def configurations(models: ModuleType, code: bool, args: argparse.Namespace, dev
         _free(device)
 
 
+def official_settings(args: argparse.Namespace) -> SamplingSettings:
+    """The sampling settings from the flags, limited to what the official sampling calls take (one top-k and
+    top-p for every scale, temperature 1, no smoothing)."""
+    settings = settings_from_args(args)
+    if any(isinstance(value, list) for value in (settings.top_k, settings.top_p, settings.temperature)) \
+            or settings.temperature != 1.0 or settings.more_smooth:
+        raise SystemExit("var bench: error: beside the official code, give one --top-k and one --top-p "
+                         "(temperature 1, no --more-smooth): the official sampling calls take no per-scale values")
+    return settings
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -549,8 +561,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.runs < 1:
         raise SystemExit("var bench: error: --runs must be at least 1")
     if args.tiny:  # the official top-k needs k <= vocabulary size
-        args.top_k = min(args.top_k, TINY_SIZES["V"])
+        args.top_k = [min(k, TINY_SIZES["V"]) for k in args.top_k]
         args.refiner_depth = min(args.refiner_depth, 1)
+    official_settings(args)  # fails early on settings the official code cannot take
+    if args.draft_steps is None:  # CoDe's default: all but the last two scales
+        args.draft_steps = len(PATCH_NUMS) - 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -573,7 +588,8 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "dtype": args.dtype, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "seed": SEED,
+            "dtype": args.dtype, **{name: getattr(official_settings(args), name) for name in ("cfg", "top_k", "top_p")},
+            "seed": SEED,
             "sizes": "tiny" if args.tiny else "official", "weights": "random (official constructors)",
             "warmup": args.warmup, "runs": args.runs, "compile": args.compile, "vae_decode_included": True,
             "order": "interleaved, alternating which side goes first",
