@@ -117,7 +117,7 @@ def test_bench_takes_exactly_the_declared_options():
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     own = {"--device", "--dtype", "--tiny", "--depths", "--batch-sizes", "--samplers", "--warmup", "--runs",
-           "--no-decode", "--compile", "--out", "--help"}
+           "--no-decode", "--compile", "--out", "--help", "--official-var", "--official-code"}
     options = all_options()
     expected = declared_flags(SETTINGS) | {spec.flag for spec in options.values() if not spec.model}
     expected |= {f"{spec.flag}-depth" for spec in options.values() if spec.model}
