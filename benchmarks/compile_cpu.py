@@ -31,8 +31,8 @@ def child(args: argparse.Namespace) -> dict:
 
     from var.compile import compile_for_sampling
     from var.models.var import build_var
-    from var.sample.scale import VARSampler
     from var.sample.logits import SamplingSettings
+    from var.sample.scale import VARSampler
     from var.tokenizers.vqvae import VQVAE
 
     started = time.perf_counter()

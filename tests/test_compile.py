@@ -16,8 +16,8 @@ from torch._dynamo.utils import counters
 
 import var.compile
 from var.compile import compile_cache_dir, compile_for_sampling, enable_compile_cache
-from var.sample.scale import VARSampler
 from var.sample.logits import SamplingSettings
+from var.sample.scale import VARSampler
 
 TEN_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # more scales than dynamo's default recompile limit (8)
 
