@@ -10,8 +10,10 @@ samples with our own code, so its tokens equal ours unless it is told to shift t
 from __future__ import annotations
 
 import json
+import runpy
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +225,19 @@ def test_compare_tokens_names_the_first_difference():
     theirs = [torch.tensor([[3]]), torch.tensor([[1, 2, 9, 4]])]
     assert compare_tokens(theirs, ours) == ("scale 1: 1 of 4 tokens differ, first at image 0 position 2 "
                                             "(official 9, ours 3)")
+
+
+def test_gpu_acceptance_official_part_checks_every_threshold(tmp_path, monkeypatch):
+    """The device session's one command for the side-by-side numbers, here on the stand-in at tiny sizes."""
+    official = write_fake_official(tmp_path / "official")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_acceptance.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--device", "cpu", "--runs", "1", "--parts", "official",
+                                      "--official-var", str(official), "--official-code", str(official),
+                                      "--out", str(tmp_path / "acc")])
+    runpy.run_path(str(script), run_name="__main__")
+    summary = json.loads((tmp_path / "acc" / "acceptance.json").read_text())
+    checks = summary["official"]["checks"]
+    assert [(r["sampler"], r["B"]) for r in summary["official"]["rows"]] == [
+        ("var", 1), ("var", 2), ("code", 1), ("code", 2)]
+    assert checks["d2 B=1 tokens identical"]["pass"] and "d2 B=1 latency vs official" in checks
+    assert "CoDe d2->d1 B=2 peak memory vs official" in checks

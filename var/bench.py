@@ -46,10 +46,17 @@ TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=
 TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
 
 
-def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls (CUDA events on GPU)."""
-    for _ in range(warmup):
+def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> tuple[float, list[float]]:
+    """Wall seconds of the first warm-up call (with ``--compile``: compilation included; 0 without warm-up)
+    and seconds per call of ``fn`` for ``runs`` calls after ``warmup`` warm-up calls (CUDA events on GPU)."""
+    first_call = 0.0
+    for index in range(warmup):
+        begin = time.perf_counter()
         fn()
+        if index == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_call = time.perf_counter() - begin
     times = []
     for _ in range(runs):
         if device.type == "cuda":
@@ -63,7 +70,7 @@ def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs
             begin = time.perf_counter()
             fn()
             times.append(time.perf_counter() - begin)
-    return times
+    return first_call, times
 
 
 def build_models(depth: int, tiny: bool, device: torch.device, raster: bool = False) -> tuple[nn.Module, VQVAE]:
@@ -90,7 +97,7 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.device, dtype: str,
-                  warmup: int, runs: int, decode: bool) -> dict:
+                  warmup: int, runs: int, decode: bool, compiled: bool = False) -> dict:
     """Time one sampler at one batch size; returns a result row (or an error row on OOM)."""
     labels = torch.arange(batch_size, device=device) % num_classes
     stats = {}
@@ -103,7 +110,7 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        times = timed_runs(run_once, device, warmup, runs)
+        first_call, times = timed_runs(run_once, device, warmup, runs)
     except RuntimeError as error:
         if not _is_oom(error):
             raise
@@ -118,6 +125,9 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
         "img_per_s": round(batch_size / best, 1),
         "kv_bytes": stats.get("kv_bytes"),
         "passes": stats.get("passes"),
+        # compilation (--compile) happens in the first call: reported apart from the timed runs
+        "first_call_sec": round(first_call, 2),
+        "compile_sec": round(max(first_call - statistics.median(times), 0.0), 2) if compiled else None,
     }
     if device.type == "cuda":
         row["peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
@@ -294,7 +304,7 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
         recorded = recorded_settings(sampler, chosen)
         for batch_size in args.batch_sizes:
             row = bench_sampler(sampler, batch_size, model.num_classes, device, args.dtype,
-                                args.warmup, args.runs, not args.no_decode)
+                                args.warmup, args.runs, not args.no_decode, bool(args.compile))
             row = {"sampler": name, **labels, **recorded, **row}
             rows.append(row)
             print(json.dumps(row), flush=True)
