@@ -38,6 +38,16 @@ def make_tiny_pair(seed: int = 0, **var_overrides) -> tuple[VQVAE, VAR]:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, and on a busy machine a second
+    thread's barriers cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_pair():
     return make_tiny_pair()
 

@@ -160,13 +160,7 @@ def write_fake_official(root, seed_offset: int = 0):
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and a busy machine makes its barriers costly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_bench(tmp_path, official, *extra):
