@@ -4,6 +4,8 @@
     python scripts/gpu_acceptance.py --parts bench --out $OUT            # one part on the device machine
     python scripts/gpu_acceptance.py --parts all --out $OUT              # everything (a longer session)
     python scripts/gpu_acceptance.py --tiny --device cpu --out out/acc   # CPU smoke run of every part (CI)
+    python scripts/gpu_acceptance.py --parts official --official-var ../official/VAR \
+        --official-code ../official/CoDe --out $OUT                     # beside the official code, same run
 
 Parts (random weights at official sizes unless said otherwise; fp16 autocast, guidance on, decode included):
 
@@ -16,6 +18,10 @@ Parts (random weights at official sizes unless said otherwise; fp16 autocast, gu
   and batch 512, where the full cache does not fit on an 80 GB card and ScaleKV's does.
 * ``sjd``     a ~314M-parameter raster AR (d16): plain vs speculative Jacobi decoding at batch 1 and 16; with
   ``--ar-run``/``--var-run`` (trained runs, e.g. the digits ones), also ar vs sjd and var vs sjd-scale on them.
+* ``official`` the official VAR and CoDe code timed beside ours in the same run (``--official-var DIR``,
+  ``--official-code DIR``: checkouts on the device machine): d16/d20/d24/d30 x batch 1/16/64/256 and CoDe
+  d30 -> d16; tokens identical, B=64 >= 2x img/s, B=1 latency <= 0.5x, peak memory <= 1x at every batch,
+  d24 at B=256 fits.  Not part of ``all`` (it needs the checkouts).
 * ``fid``     a 10k-sample FID/IS job (d16 tokenizer + transformer, 10 per class, random Inception weights):
   samples/s and feature-extraction img/s.
 
@@ -41,7 +47,8 @@ from var.loading import load_pair
 from var.sample.registry import model_name_for
 from var.utils import resolve_device
 
-PARTS = ("bench", "latency", "addons", "sjd", "fid")
+PARTS = ("bench", "latency", "addons", "sjd", "fid")  # "all"
+EXTRA_PARTS = ("official",)  # need arguments "all" cannot supply
 FID_SAMPLES_PER_CLASS = 10  # x 1000 classes = the 10k-sample job
 
 
@@ -148,6 +155,33 @@ def part_sjd(out: Path, options: argparse.Namespace) -> dict:
     return result
 
 
+def part_official(out: Path, options: argparse.Namespace) -> dict:
+    """``var bench --official-var/--official-code``: both implementations side by side, thresholds checked."""
+    if not options.official_var:
+        raise SystemExit("gpu_acceptance: error: --parts official needs --official-var DIR (a FoundationVision/VAR "
+                         "checkout; --official-code DIR adds czg1225/CoDe)")
+    sizes = (["--depths", "2", "--batch-sizes", "1", "2"] if options.tiny else
+             ["--depths", "16", "20", "24", "30", "--batch-sizes", "1", "16", "64", "256"])
+    code = ["--official-code", options.official_code] if options.official_code else []
+    report = bench(out, options, "--official-var", options.official_var, *code, *sizes)
+    checks = {}
+    for row in report["results"]:
+        name = (f"d{row['depth']}" if row["sampler"] == "var" else
+                f"CoDe d{row['depth']}->d{row['refiner_depth']}") + f" B={row['B']}"
+        if "error" in row:
+            if row["sampler"] == "var" and row["depth"] == 24 and row["B"] == 256:
+                checks[f"{name} fits"] = {"value": row["error"], "pass": False}
+            continue
+        ratios = row["ratios"]
+        checks[f"{name} tokens identical"] = {"value": row["tokens_identical"], "pass": row["tokens_identical"]}
+        if row["sampler"] == "var" and row["B"] == 64:
+            checks[f"{name} img/s vs official"] = check(ratios["img_per_s"], 2.0, at_least=True)
+        if row["sampler"] == "var" and row["B"] == 1:
+            checks[f"{name} latency vs official"] = check(ratios["latency"], 0.5, at_least=False)
+        checks[f"{name} peak memory vs official"] = check(ratios["peak_memory"], 1.0, at_least=False)
+    return {"rows": report["results"], "settings": report["settings"], "checks": checks}
+
+
 def part_fid(out: Path, options: argparse.Namespace) -> dict:
     device = resolve_device(options.device)
     bundle, work = out / "random_d16", out / "work"
@@ -175,20 +209,23 @@ def part_fid(out: Path, options: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["all"], choices=("all", *PARTS))
+    parser.add_argument("--parts", nargs="+", default=["all"], choices=("all", *PARTS, *EXTRA_PARTS))
     parser.add_argument("--out", default="out/acceptance")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run of every part)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (min and median)")
     parser.add_argument("--ar-run", help="sjd part: a trained raster AR run (var train --model ar)")
     parser.add_argument("--var-run", help="sjd part: a trained VAR run, for sjd-scale")
+    parser.add_argument("--official-var", metavar="DIR", help="official part: a FoundationVision/VAR checkout")
+    parser.add_argument("--official-code", metavar="DIR", help="official part: a czg1225/CoDe checkout")
     options = parser.parse_args()
     out = Path(options.out)
     summary_path = out / "acceptance.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     device = resolve_device(options.device)
     summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    for part in PARTS if "all" in options.parts else options.parts:
+    parts = [*PARTS, *(p for p in options.parts if p in EXTRA_PARTS)] if "all" in options.parts else options.parts
+    for part in parts:
         print(f"== {part}", flush=True)
         summary[part] = globals()[f"part_{part}"](out / part, options)
         out.mkdir(parents=True, exist_ok=True)

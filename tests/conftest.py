@@ -91,6 +91,16 @@ def tiny_llamagen(seed: int = 0, **overrides) -> LlamaGen:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, and on a busy machine a second
+    thread's barriers cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_pair():
     return make_tiny_pair()
 

@@ -16,6 +16,7 @@ def test_bench_tiny_cpu_writes_report_and_plot(tmp_path):
     assert [(r["sampler"], r["B"]) for r in rows] == [
         ("var", 1), ("var", 2), ("scalekv", 1), ("scalekv", 2), ("ar", 1), ("ar", 2), ("sjd", 1), ("sjd", 2)]
     assert all(r["img_per_s"] > 0 and r["sec"] <= r["median_sec"] for r in rows)
+    assert all(r["first_call_sec"] > 0 and r["compile_sec"] is None for r in rows)  # compile time: --compile only
     assert rows[1]["kv_bytes"] == 2 * rows[0]["kv_bytes"]  # the cache grows linearly with the batch
     assert rows[4]["passes"] == 16 and rows[6]["passes"] < 16  # tiny LlamaGen: a 4x4 token map, one token per pass
     assert rows[4]["architecture"] == "tiny LlamaGen" and rows[4]["depth"] == 2

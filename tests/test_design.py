@@ -116,7 +116,8 @@ def test_bench_takes_exactly_the_declared_options():
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     own = {"--device", "--dtype", "--tiny", "--depths", "--llamagen-sizes", "--batch-sizes", "--samplers", "--warmup",
-           "--runs", "--no-decode", "--compile", "--out", "--help", "--infinity", "--resolution", "--aspect"}
+           "--runs", "--no-decode", "--compile", "--out", "--help", "--infinity", "--resolution", "--aspect",
+           "--official-var", "--official-code"}
     options = all_options()
     expected = declared_flags(SETTINGS) | {spec.flag for spec in options.values() if not spec.model}
     expected |= {f"{spec.flag}-depth" for spec in options.values() if spec.model}

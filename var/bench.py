@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from var.argtypes import integer
+from var.compile import compile_for_sampling
 from var.models.family import ScaleSchedule
 from var.models.infinity import INFINITY_SIZES, Infinity, InfinityConfig, PackedText
 from var.models.infinity_schedules import parse_aspect, schedule_for
@@ -44,7 +45,7 @@ from var.sample.registry import (
 from var.tokenizers.bsq import BSQConfig, BSQTokenizer
 from var.tokenizers.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
 from var.tokenizers.vqvae import VQVAE, VQVAEConfig
-from var.utils import atomic_write_text, autocast, compile_for_sampling, resolve_device
+from var.utils import atomic_write_text, autocast, resolve_device
 
 ANCHORS = Path(__file__).resolve().parents[1] / "benchmarks" / "official_h100.json"
 TINY_VAR = dict(width=64, num_heads=2, vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4))
@@ -56,10 +57,17 @@ TINY_LLAMAGEN_VQ = dict(codebook_size=64, z_channels=8, ch=32, encoder_ch_mult=(
                         num_res_blocks=1)
 
 
-def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls (CUDA events on GPU)."""
-    for _ in range(warmup):
+def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> tuple[float, list[float]]:
+    """Wall seconds of the first warm-up call (with ``--compile``: compilation included; 0 without warm-up)
+    and seconds per call of ``fn`` for ``runs`` calls after ``warmup`` warm-up calls (CUDA events on GPU)."""
+    first_call = 0.0
+    for index in range(warmup):
+        begin = time.perf_counter()
         fn()
+        if index == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_call = time.perf_counter() - begin
     times = []
     for _ in range(runs):
         if device.type == "cuda":
@@ -73,7 +81,7 @@ def timed_runs(fn: Callable[[], object], device: torch.device, warmup: int, runs
             begin = time.perf_counter()
             fn()
             times.append(time.perf_counter() - begin)
-    return times
+    return first_call, times
 
 
 def build_models(depth: int, tiny: bool, device: torch.device) -> tuple[nn.Module, VQVAE]:
@@ -139,7 +147,7 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.device, dtype: str,
-                  warmup: int, runs: int, decode: bool) -> dict:
+                  warmup: int, runs: int, decode: bool, compiled: bool = False) -> dict:
     """Time one sampler at one batch size; returns a result row (or an error row on OOM).  Infinity samples
     random prompts (``num_classes`` is ignored there)."""
     if isinstance(sampler.model, Infinity):
@@ -156,7 +164,7 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        times = timed_runs(run_once, device, warmup, runs)
+        first_call, times = timed_runs(run_once, device, warmup, runs)
     except RuntimeError as error:
         if not _is_oom(error):
             raise
@@ -171,6 +179,9 @@ def bench_sampler(sampler, batch_size: int, num_classes: int, device: torch.devi
         "img_per_s": round(batch_size / best, 1),
         "kv_bytes": stats.get("kv_bytes"),
         "passes": stats.get("passes"),
+        # compilation (--compile) happens in the first call: reported apart from the timed runs
+        "first_call_sec": round(first_call, 2),
+        "compile_sec": round(max(first_call - statistics.median(times), 0.0), 2) if compiled else None,
     }
     if device.type == "cuda":
         row["peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
@@ -348,7 +359,8 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
         recorded = recorded_settings(sampler, chosen)
         for batch_size in args.batch_sizes:
             row = bench_sampler(sampler, batch_size, getattr(model, "num_classes", 0), device, args.dtype,
-                                args.warmup, args.runs, not args.no_decode)
+                                args.warmup, args.runs, not args.no_decode,
+                                bool(args.compile))
             row = {"sampler": name, **labels, **recorded, **row}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -376,6 +388,10 @@ def bench_depth(depth: int | str, raster: bool, names: list[str], args: argparse
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.official_var or args.official_code:
+        from var.bench_official import run as run_beside_official
+
+        return run_beside_official(args)
     args = finalize_defaults(args)
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -449,6 +465,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f"depth of the random-weight {name} for {', '.join(option_users()[name])} "
                                 f"(default {DEFAULT_MODEL_DEPTH}; --tiny: 1)")
     parser.add_argument("--out", default="out/bench")
+    parser.add_argument("--official-var", metavar="DIR", help="time the official VAR code of this checkout "
+                        "beside ours, interleaved, on the same random weights (var/bench_official.py)")
+    parser.add_argument("--official-code", metavar="DIR", help="the same for an official CoDe checkout: the "
+                        "deepest --depths drafts, --refiner-depth refines")
 
 
 def finalize_defaults(args: argparse.Namespace) -> argparse.Namespace:

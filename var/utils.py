@@ -54,18 +54,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compile_for_sampling(model: torch.nn.Module, vqvae: torch.nn.Module | None = None, mode: str = "default") -> None:
-    """torch.compile the transformer's block stack (and the VAE decoder) in place, for sampling.
-
-    Each scale has its own static shapes, so the compiled graph is specialised once per scale and reused for
-    every later batch of the same size; tokens are unchanged (checked in tests on CPU).  ``mode`` is passed to
-    torch.compile ("reduce-overhead" adds CUDA graphs for small, launch-bound batches).
-    """
-    model.forward_hidden = torch.compile(model.forward_hidden, mode=mode, dynamic=False)
-    if vqvae is not None:
-        vqvae.decoder = torch.compile(vqvae.decoder, mode=mode, dynamic=False)
-
-
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding: int = 2,
               min_side: int = 64, row_labels: Sequence[str] | None = None) -> torch.Tensor:
     """Write images (N, 3, H, W; float in [0, 1] or uint8) as one PNG grid, ``nrow`` per row; returns the grid

@@ -13,6 +13,7 @@ import torch
 
 from var.argtypes import integer
 from var.checkpoints import check_pair
+from var.compile import compile_for_sampling
 from var.hub import load_pair as load_release
 from var.hub import release, resolve
 from var.loading import load_one, load_pair
@@ -23,7 +24,6 @@ from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
 from var.text import FLAN_T5_XL, T5TextEncoder
-from var.utils import compile_for_sampling
 
 SETTINGS = declared(SamplingSettings)
 MAX_SEED = 2**63 - 1

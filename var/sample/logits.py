@@ -93,8 +93,16 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> 
     """
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
-        threshold = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < threshold, float("-inf"))
+        kept, order = logits.topk(top_k, dim=-1)  # (..., k) descending
+        below = logits < kept[..., -1:]
+        logits.masked_fill_(below, float("-inf"))
+        if top_p > 0 and bool((below.sum(dim=-1) == vocab - top_k).all()):
+            # no tie at the k-th value: top-p needs only the k survivors, already sorted (k << V saves the
+            # full sort); filtered entries would add exactly zero probability to the cumulative mass
+            kept, order = kept.flip(-1), order.flip(-1)  # ascending, as below
+            remove = kept.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+            remove[..., -1:] = False
+            return logits.scatter_(-1, order, kept.masked_fill_(remove, float("-inf")))
     if top_p > 0:
         sorted_logits, order = logits.sort(dim=-1, descending=False)
         remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)

@@ -73,6 +73,36 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a 4-d tensor: channels-last or contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _fused_conv_add_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+
+_FUSED_CONV_ADD = _fused_conv_add_available()
+
+
+def conv_accumulate_(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out += conv(x)`` in place, for inference (autograd off); returns the sum.
+
+    On CPU in float32 this is one oneDNN convolution with a fused sum into ``out``: the convolution's own
+    output is never allocated and no separate addition pass runs (the same sum, bit for bit).  Elsewhere
+    it is ``conv(x).add_(out)`` (also under torch.compile, which fuses the two itself).
+    """
+    fused = (_FUSED_CONV_ADD and out.device.type == "cpu" and conv.padding_mode == "zeros"
+             and x.dtype == out.dtype == conv.weight.dtype == torch.float32
+             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    if not fused:
+        return conv(x).add_(out)
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+        "add", None, None, [], None)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
@@ -83,11 +113,19 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
+    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """``consume=True`` (autograd off only) lets the block add its residual branch into ``x`` in place."""
+        if torch.is_grad_enabled():
+            h = self.conv1(F.silu(self.norm1(x)))
+            h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        # inference: activations in place, and conv1's output released before conv2 runs, so at most
+        # three full-size tensors live at once (x, an activation, a convolution output)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.dropout(F.silu(self.norm2(h), inplace=True))
+        if self.nin_shortcut is not None:
+            return conv_accumulate_(self.conv2, h, self.nin_shortcut(x))
+        return conv_accumulate_(self.conv2, h, x) if consume else self.conv2(h).add_(x)
 
 
 class AttnBlock(nn.Module):
@@ -99,14 +137,18 @@ class AttnBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)
-        # (B, C, HW) -> (B, 1, HW, C): one head over the H*W positions
-        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
-        return x + self.proj_out(out)
+        # (B, 3C, H, W) -> (B, 1, HW, 3C): one head over the H*W positions (a view for channels-last x)
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(batch, 1, height * width, 3 * channels)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, 1, HW, C)
+        # (B, 1, HW, C) -> (B, C, H, W) in x's memory layout
+        out = out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        out = out.contiguous(memory_format=_layout(x))
+        if torch.is_grad_enabled():
+            return x + self.proj_out(out)
+        return conv_accumulate_(self.proj_out, out, x) if consume else self.proj_out(out).add_(x)
 
 
 class Downsample(nn.Module):
@@ -120,13 +162,42 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Nearest 2x upsampling followed by a 3x3 convolution, seen from the low-resolution input: output row 2i
+# reads input rows (i-1, i, i) through kernel rows (0, 1, 2), output row 2i+1 reads (i, i, i+1).  So each
+# output phase is a 2x2 convolution whose kernel rows are sums of the 3x3 kernel's rows; _PHASE_ROWS[p, t]
+# selects the 3x3 rows summed into tap t of phase p (the same for columns).
+_PHASE_ROWS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution.
+
+    Without autograd the two run as one 2x2 convolution of the low-resolution input with the four output
+    phases as output channels (4/9 of the multiplications, and the 4x larger upsampled input is never
+    built), interleaved into the output; the result is the same up to float rounding.
+    """
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if torch.is_grad_enabled():
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        batch, _, height, width = x.shape
+        weight, bias = self.conv.weight, self.conv.bias
+        rows = _PHASE_ROWS.to(weight)
+        # (out, in, 3, 3) -> (row phase, column phase, out, in, 2, 2) -> (4 * out, in, 2, 2)
+        phases = torch.einsum("ptk,oikl,qsl->pqoits", rows, weight, rows).flatten(0, 2)
+        # window (r, c) of the padded input covers input rows r-1, r and columns c-1, c
+        windows = F.conv2d(F.pad(x, (1, 1, 1, 1)), phases, bias.repeat(4) if bias is not None else None)
+        windows = windows.unflatten(1, (2, 2, -1))  # (B, row phase, column phase, out, H + 1, W + 1)
+        out = torch.empty((batch, weight.shape[0], 2 * height, 2 * width), dtype=windows.dtype, device=x.device,
+                          memory_format=_layout(x))
+        for p in (0, 1):  # phase p of output row 2i (+p) is window row i + p
+            for q in (0, 1):
+                out[:, :, p::2, q::2] = windows[:, p, q, :, p:p + height, q:q + width]
+        return out
 
 
 class _Level(nn.Module):
@@ -137,11 +208,11 @@ class _Level(nn.Module):
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
 
-    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, consume: bool = False) -> torch.Tensor:
         for i, block in enumerate(self.block):
-            h = block(h)
+            h = block(h, consume)
             if len(self.attn):
-                h = self.attn[i](h)
+                h = self.attn[i](h, consume)
         return h
 
 
@@ -149,11 +220,14 @@ class _Mid(nn.Module):
     def __init__(self, channels: int, dropout: float, groups: int, use_attn: bool):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout, groups)
-        self.attn_1 = AttnBlock(channels, groups) if use_attn else nn.Identity()
+        self.attn_1 = AttnBlock(channels, groups) if use_attn else None
         self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+    def forward(self, h: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        h = self.block_1(h, consume)
+        if self.attn_1 is not None:
+            h = self.attn_1(h, consume)
+        return self.block_2(h, consume)
 
 
 class Encoder(nn.Module):
@@ -180,13 +254,14 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inference = not torch.is_grad_enabled()  # blocks may then work in place on internal tensors
         h = self.conv_in(x)
         for stage in self.down:
-            h = stage.run_blocks(h)
+            h = stage.run_blocks(h, consume=inference)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.mid(h, consume=inference)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=inference))
 
 
 class Decoder(nn.Module):
@@ -218,12 +293,13 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        inference = not torch.is_grad_enabled()  # blocks may then work in place on internal tensors
+        h = self.mid(self.conv_in(z), consume=inference)
         for stage in reversed(self.up):
-            h = stage.run_blocks(h)
+            h = stage.run_blocks(h, consume=inference)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=inference))
 
 
 class VQVAE(PretrainedMixin, nn.Module):
@@ -310,8 +386,22 @@ class VQVAE(PretrainedMixin, nn.Module):
         return self.patch_nums
 
     def fhat_to_image(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Decode a quantised latent to an image in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+        """Decode a quantised latent (B, Cvae, h, w) to images (B, 3, H, W) in [-1, 1].
+
+        Without autograd on CPU the decoder runs channels-last (oneDNN's native layout: no reordering copy
+        around each convolution) and one image at a time (CPU convolutions are no faster on a batch, and the
+        full-resolution activations of each image would add up to the peak memory).  The images are the
+        same up to float rounding (the parity tolerance).
+        """
+        if torch.is_grad_enabled() or f_hat.device.type != "cpu":
+            return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+        images = None
+        for index, latent in enumerate(f_hat.split(1)):
+            image = self.decoder(self.post_quant_conv(latent.contiguous(memory_format=torch.channels_last)))
+            if images is None:
+                images = image.new_empty((f_hat.shape[0], *image.shape[1:]))  # (B, 3, H, W), contiguous
+            images[index] = image[0].clamp_(-1, 1)
+        return images
 
     def decode(self, indices: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
         """Per-scale index maps (quantised with ``patch_nums``, default this schedule) -> image in [-1, 1]."""
