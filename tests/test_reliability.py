@@ -23,7 +23,7 @@ import torch
 import yaml
 from conftest import make_tiny_pair
 from PIL import Image
-from test_train import TINY, one_thread  # noqa: F401 (an autouse fixture: one torch thread)
+from test_train import TINY
 
 from var.checkpoints import save_model
 from var.cli import main
@@ -31,6 +31,8 @@ from var.eval.fidelity import write_random_inception_weights
 from var.tokenizers.vqvae import VQVAE
 from var.train.tokenizer import PREVIEW_IMAGES
 from var.utils import save_grid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PlantedCode:
