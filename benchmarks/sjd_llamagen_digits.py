@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--sjd-window", type=int, default=16)
     parser.add_argument("--draft-init", default="above")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny model, shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
