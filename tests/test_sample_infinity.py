@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pair
-from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
+from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity, write_shards
 from test_sample_sjd import ALPHA, BROKEN, BROKEN_SJD, chi_square_p
 
 from var.models.family import ScaleModel, ScaleSchedule, ScaleTokenizer
@@ -291,3 +291,52 @@ def test_calibrate_kv_on_infinity_prompts_then_sample_with_the_budget(tmp_path, 
     main(["sample", *files[:-4], "--kv-budget", str(tmp_path / "budget.json"), "--prompt", "a dog",
           "--out", str(tmp_path / "grid.png")])
     assert "wrote 1 samples" in capsys.readouterr().out
+
+
+def test_var_sample_code_with_official_infinity_refiners(tmp_path, monkeypatch, capsys):
+    """`var sample --sampler code --refiner FILE` on an Infinity drafter: the refiner is an official Infinity file
+    (.safetensors or a folder of shards), told by its keys, decoding the drafter's --resolution/--aspect schedule;
+    the images are the library's CoDe.  Refiners that cannot continue the drafter fail in one line."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from var.checkpoints import var_to_official
+    from var.cli import main
+    from var.infinity_checkpoints import infinity_to_official
+    from var.models.infinity_schedules import schedule_for
+    from var.text import T5TextEncoder
+
+    cache, drafter, tokenizer = official_files(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    refiner = tiny_infinity(seed=1, depth=1, width=32, num_heads=2, mlp_ratio=8.0, text_maxlen=16)
+    official = infinity_to_official(refiner, block_chunks=1)
+    save_file({k: v.contiguous() for k, v in official.items()}, tmp_path / "refiner.safetensors")
+    write_shards(official, tmp_path / "refiner_shards")
+    flags = ["sample", "--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--sampler",
+             "code", "--draft-steps", "3", "--cfg", "3", "--top-p", "0.9", "--resolution", "256", "--aspect", "4:3",
+             "--seed", "2", "--prompt", "a red car", "a cat", "--out", str(tmp_path / "grid.png")]
+    text = T5TextEncoder(cache_dir=cache).encode_infinity(["a red car", "a cat"])
+    schedule = schedule_for(0.75, "0.06M")
+    direct = CoDeSampler(drafter.use_schedule(schedule), tokenizer, SamplingSettings(cfg=3.0, top_p=0.9),
+                         refiner=refiner.use_schedule(schedule), draft_steps=3).sample(text, seed=2)
+    for source in ("refiner.safetensors", "refiner_shards"):
+        main(flags + ["--refiner", str(tmp_path / source), "--npz", str(tmp_path / "samples.npz")])
+        assert "wrote 2 samples" in capsys.readouterr().out
+        images = torch.from_numpy(np.load(tmp_path / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+        order = torch.tensor([list(np.load(tmp_path / "samples.npz")["prompts"]).index(p) for p in ["a red car",
+                                                                                                    "a cat"]])
+        assert torch.equal(images[order], direct.images.mul(255).round().clamp(0, 255).to(torch.uint8)), source
+
+    _, var_model = make_tiny_pair()
+    torch.save(var_to_official(var_model), tmp_path / "var.pth")
+    wrong = {"var.pth": r"holds a VAR model but the model given is Infinity: give Infinity weights \(.pth",
+             "bits.pth": "bits.pth: this Infinity reads 2-bit tokens but the tokenizer .BSQTokenizer. gives 4",
+             "text.pth": r"refiner does not fit the drafter: text_channels 8 \(drafter: 16\)",
+             "levels.pth": "levels.pth: the schedule has 7 scales but the level embedding has 5"}
+    for name, overrides in (("bits.pth", dict(bits_per_token=2)), ("text.pth", dict(text_channels=8)),
+                            ("levels.pth", dict(num_levels=5))):
+        torch.save(infinity_to_official(tiny_infinity(depth=1, text_maxlen=16, **overrides), block_chunks=1),
+                   tmp_path / name)
+    for name, message in wrong.items():
+        with pytest.raises(SystemExit, match=f"^var sample: error: [^\n]*{message}[^\n]*$"):
+            main(flags + ["--refiner", str(tmp_path / name)])

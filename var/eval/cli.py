@@ -237,7 +237,7 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
     sweep = name is not None
     run_args = with_setting(args, name, value) if sweep else args
     settings = settings_from_args(run_args)
-    options = sampler_options_from_args(run_args, device, tokenizer=vqvae)
+    options = sampler_options_from_args(run_args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
     start = time.perf_counter()
     samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
