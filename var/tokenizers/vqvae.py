@@ -435,7 +435,7 @@ class VQVAE(PretrainedMixin, nn.Module):
         return self.quantize.next_input(scale, f_hat, features)[1]
 
     def tokens_to_latent(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """f_hat of one raster token map (B, h*w) quantised as a single scale (the raster AR baseline)."""
+        """f_hat of one raster token map (B, h*w) quantised as a single scale (a raster LlamaGen on this tokenizer)."""
         height, width = grid
         if height != width:
             raise ValueError(f"the VQ-VAE decodes square token maps; got {height}x{width}")
