@@ -243,12 +243,13 @@ class ScaleKVPolicy(KVPolicy):
         allocated for the scales the runner decodes); where the SOS + window floor forces more, one line
         on stderr says so, once per policy, and the stats report the real fraction."""
         stop = model.schedule.num_scales if stop is None else stop
+        shape = budget_shape(model)
         if isinstance(self.budget, KVBudget):
             budget = self.budget_for(model)
         else:
-            budget = KVBudget.uniform(model.config, float(self.budget), self.window_side, stop=stop)
+            budget = KVBudget.uniform(shape, float(self.budget), self.window_side, stop=stop)
         cache = ScaleKVCache(budget, budget.capacities(start, stop), self.scoring, self.share_cfg_choice,
-                             self.pool_kernel, budget.fraction_of_full(model.config, start, stop))
+                             self.pool_kernel, budget.fraction_of_full(shape, start, stop))
         if cache.fraction > budget.fraction + 1e-9 and not self.warned:
             self.warned = True
             print(f"warning: KV budget {budget.fraction:g} cannot be met: the SOS + observation-window floor keeps "
