@@ -23,10 +23,10 @@ def tiny_infinity_config(**overrides) -> InfinityConfig:
     return InfinityConfig(**base)
 
 
-def tiny_infinity(seed: int = 0, **overrides) -> Infinity:
+def tiny_infinity(seed: int = 0, head_scale: float = 1.0, **overrides) -> Infinity:
     torch.manual_seed(seed)
     model = Infinity(tiny_infinity_config(**overrides))
-    model.init_weights(aln_init=0.5, aln_gamma_init=0.5, head_scale=1.0)  # large gates: every part matters
+    model.init_weights(aln_init=0.5, aln_gamma_init=0.5, head_scale=head_scale)  # large gates: every part matters
     return model.eval()
 
 
