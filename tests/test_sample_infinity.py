@@ -435,3 +435,39 @@ def test_var_sample_code_with_official_infinity_refiners(tmp_path, monkeypatch, 
     for name, message in wrong.items():
         with pytest.raises(SystemExit, match=f"^var sample: error: [^\n]*{message}[^\n]*$"):
             main(flags + ["--refiner", str(tmp_path / name)])
+
+
+def test_var_eval_scores_one_infinity_sample_per_prompt(tmp_path, monkeypatch, capsys):
+    """`var eval --prompts FILE` on official Infinity files: one sample per prompt, the images and seeds of
+    `var sample`, non-square images from --aspect, scored against a reference set (FID)."""
+    import json
+
+    from huggingface_hub import constants
+    from test_eval import TOY, random_images
+
+    from var.cli import main
+    from var.eval.images import Samples, save_npz_samples
+    from var.models.infinity_schedules import schedule_for
+
+    cache, _, _ = official_files(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    prompts = ["a red car", "a cat", "a photo of a dog"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    save_npz_samples(tmp_path / "ref.npz", Samples(random_images(6, 0, side=16)))
+    model = ["--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--prompts",
+             str(tmp_path / "prompts.txt"), "--resolution", "256", "--aspect", "4:3", "--cfg", "3", "--batch-size",
+             "2", "--seed", "5", "--device", "cpu"]
+    out = tmp_path / "eval"
+    main(["eval", *model, "--extractor", TOY, "--ref", str(tmp_path / "ref.npz"), "--metrics", "fid",
+          "--no-progress", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_samples"] == 3 and report["metrics"]["fid"] > 0
+    assert report["sampling"]["num_prompts"] == 3 and "num_classes" not in report["sampling"]
+    main(["sample", *model, "--out", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "sampled.npz")])
+    evaluated, sampled = np.load(out / "samples.npz"), np.load(tmp_path / "sampled.npz")
+    height, width = schedule_for(0.75, "0.06M").shapes[-1]  # 4:3 landscape: h / w = 0.75; tokens of 2 x 2 px
+    assert evaluated["arr_0"].shape == (3, 2 * height, 2 * width, 3) and height < width
+    assert np.array_equal(evaluated["arr_0"], sampled["arr_0"])
+    assert list(evaluated["prompts"]) == list(sampled["prompts"]) and sorted(evaluated["prompts"]) == sorted(prompts)
+    with pytest.raises(SystemExit, match="text-to-image"):
+        main(["eval", "--samples", str(tmp_path / "sampled.npz"), "--prompt", "a cat", "--out", str(out)])
