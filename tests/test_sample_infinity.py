@@ -425,7 +425,7 @@ def test_var_sample_code_with_official_infinity_refiners(tmp_path, monkeypatch, 
 
     _, var_model = make_tiny_pair()
     torch.save(var_to_official(var_model), tmp_path / "var.pth")
-    wrong = {"var.pth": r"holds a VAR model but the model given is Infinity: give Infinity weights \(.pth",
+    wrong = {"var.pth": r"holds VAR weights but the model given is Infinity: give Infinity weights \(.pth",
              "bits.pth": "bits.pth: this Infinity reads 2-bit tokens but the tokenizer .BSQTokenizer. gives 4",
              "text.pth": r"refiner does not fit the drafter: text_channels 8 \(drafter: 16\)",
              "levels.pth": "levels.pth: the schedule has 7 scales but the level embedding has 5"}

@@ -189,7 +189,7 @@ def load_option_model(flag: str, path: str, kind: str, device: torch.device | st
     if model is not None and type(loaded) is not type(model):
         family = type(model).__name__
         files = ".pth/.safetensors/shard folder" if family == "Infinity" else "bundle, run directory or .pth"
-        raise ValueError(f"{flag} holds a {type(loaded).__name__} model but the model given is {family}: give "
+        raise ValueError(f"{flag} holds {type(loaded).__name__} weights but the model given is {family}: give "
                          f"{family} weights ({files}) over the same tokenizer")
     try:
         if isinstance(loaded, Infinity) and model is not None:
