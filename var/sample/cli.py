@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
     encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     vqvae, model = load_models(args, device)
     use_text_arguments(args, model, prompts)
-    options = sampler_options_from_args(args, device, tokenizer=vqvae)
+    options = sampler_options_from_args(args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(args.sampler, model, vqvae, settings, **options)
     if prompts is not None:
         conditions = encode_prompts(encoder, model, prompts)
