@@ -170,9 +170,9 @@ def settings_from_args(args: argparse.Namespace, model: torch.nn.Module | None =
 
 
 def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
-                              tokenizer: torch.nn.Module | None = None) -> dict:
-    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device`` (and,
-    given the ``tokenizer`` they will decode with, checked to be trained on it unless --force-tokenizer).
+                              tokenizer: torch.nn.Module | None = None, model: torch.nn.Module | None = None) -> dict:
+    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device`` (see
+    :func:`load_option_model` for the checks against ``tokenizer`` and ``model``).
 
     Raises a ValueError naming every flag that the chosen sampler does not take.
     """
@@ -181,10 +181,34 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
     check_applicable(given, args.sampler, sampler_options(args.sampler), specs)
     for name, value in given.items():
         if specs[name].model:
-            given[name] = load_one(value, specs[name].model, device)
-            if tokenizer is not None:
-                check_pair(tokenizer, given[name], getattr(args, "force_tokenizer", False))
+            given[name] = load_option_model(f"--{name.replace('_', '-')} {value}", value, specs[name].model, device,
+                                            tokenizer, model, getattr(args, "force_tokenizer", False))
     return given
+
+
+def load_option_model(flag: str, path: str, kind: str, device: torch.device | str, tokenizer: torch.nn.Module | None,
+                      model: torch.nn.Module | None, force_tokenizer: bool) -> torch.nn.Module:
+    """A model-valued option (CoDe's refiner) loaded from ``path``: VAR or Infinity, told by its keys.
+
+    Given the ``model`` it works with, it must be of the same family (one line naming both otherwise, before any
+    tokenizer check), and an Infinity takes that model's scale schedule (--resolution/--aspect: schedules are not
+    in the weights); given the ``tokenizer`` it decodes with, it must fit it and (unless ``force_tokenizer``) have
+    been trained on it.
+    """
+    loaded = load_one(path, kind, device)
+    if model is not None and type(loaded) is not type(model):
+        family = type(model).__name__
+        files = ".pth/.safetensors/shard folder" if family == "Infinity" else "bundle, run directory or .pth"
+        raise ValueError(f"{flag} holds {type(loaded).__name__} weights but the model given is {family}: give "
+                         f"{family} weights ({files}) over the same tokenizer")
+    try:
+        if isinstance(loaded, Infinity) and model is not None:
+            loaded.use_schedule(model.schedule)
+        if tokenizer is not None:
+            check_pair(tokenizer, loaded, force_tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+    return loaded
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
     vqvae, model = load_models(args, device)
     settings = settings_from_args(args, model)  # unspecified settings: the model family's defaults
     use_text_arguments(args, model, prompts)
-    options = sampler_options_from_args(args, device, tokenizer=vqvae)
+    options = sampler_options_from_args(args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(args.sampler, model, vqvae, settings, **options)
     if prompts is not None:
         conditions = encode_prompts(encoder, model, prompts)
