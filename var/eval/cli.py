@@ -258,7 +258,7 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
     the encoded ``prompts``); the metrics on the main process, else None."""
     sweep = name is not None
     run_args = with_setting(args, name, value) if sweep else args
-    settings = settings_from_args(run_args)
+    settings = settings_from_args(run_args, model)
     options = sampler_options_from_args(run_args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
     start = time.perf_counter()

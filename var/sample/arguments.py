@@ -23,6 +23,7 @@ from var.models.llamagen import Captions
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
+from var.sample.rules import LlamaGenRule, rule_for
 from var.text import FLAN_T5_XL, T5TextEncoder
 
 SETTINGS = declared(SamplingSettings)
@@ -48,7 +49,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampling settings (guidance, filtering), the seed and the batch size."""
-    group = parser.add_argument_group("sampling")
+    llamagen = "; ".join(f"{kind}: " + " ".join(f"{SETTINGS[name].flag} {value:g}" for name, value in values.items())
+                         for kind, values in LlamaGenRule.OFFICIAL_DEFAULTS.items())
+    group = parser.add_argument_group(
+        "sampling", f"the defaults shown are VAR's; a LlamaGen model takes its official ones ({llamagen})")
     add_option_arguments(group, SETTINGS)  # None = not given: a release's or the declared default applies
     group.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="batch i is sampled with seed + i")
     group.add_argument("--batch-size", type=integer(1), default=64)
@@ -146,10 +150,16 @@ def encode_prompts(encoder: T5TextEncoder, model, prompts: list[str]) -> PackedT
     return Captions(*encoder.encode_llamagen(prompts, max_length=model.config.cls_token_num))
 
 
-def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
-    """Settings from the derived flags (a one-value per-scale list becomes that value; a flag not given takes the
-    declared default)."""
-    values = {name: getattr(args, name) if getattr(args, name) is not None else spec.default
+def settings_from_args(args: argparse.Namespace, model: torch.nn.Module | None = None) -> SamplingSettings:
+    """Settings from the derived flags (a one-value per-scale list becomes that value).
+
+    A flag not given (None; a ``--model`` release has already filled its own) takes the default of ``model``'s
+    family (its rule's :meth:`~var.sample.rules.TokenRule.default_settings`: LlamaGen's official top-k 2000,
+    top-p 1, cfg-scale 4 ...), else the declared default (VAR's).  Without ``model`` (checking the flags before
+    any weights are read) every such flag takes the declared default.
+    """
+    family = rule_for(model).default_settings() if model is not None else {}
+    values = {name: getattr(args, name) if getattr(args, name) is not None else family.get(name, spec.default)
               for name, spec in SETTINGS.items()}
     for name, spec in SETTINGS.items():
         if spec.per_scale and isinstance(values[name], (list, tuple)) and len(values[name]) == 1:
