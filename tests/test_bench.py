@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_gpu_acceptance_script_runs_every_part_on_tiny_models(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_acceptance.py"
     subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--runs", "1",
                     "--parts", "bench", "addons", "sjd", "fid", "--out", str(tmp_path)], check=True,
-                   capture_output=True, text=True)
+                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny: 1 thread
     summary = json.loads((tmp_path / "acceptance.json").read_text())
     assert set(summary) == {"device", "bench", "addons", "sjd", "fid"}
     assert {r["sampler"] for r in summary["addons"]["rows"]} == {"var", "code", "scalekv"}
