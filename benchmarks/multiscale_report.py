@@ -124,13 +124,29 @@ def plot_report(results: dict, speculation: dict, path: Path) -> None:
     sampler, sjd-scale's passes per image by batch size."""
     plt = pyplot()
     figure, (fidelity, quality, passes) = plt.subplots(1, 3, figsize=(17, 5))
-    for name, r in results.items():
-        if name == "var":
-            continue
-        marker = "o" if name.startswith("scalekv") else "x" if name.startswith("sweep") else "s"
-        fidelity.scatter(100 * r["kv_vs_var"], min(r["psnr_db_pooled"], 60), marker=marker)
-        fidelity.annotate(name.replace("sweep ", ""), (100 * r["kv_vs_var"], min(r["psnr_db_pooled"], 60)),
-                          fontsize=7, xytext=(3, 3), textcoords="offset points")
+    def point(name: str) -> tuple[float, float]:
+        return 100 * results[name]["kv_vs_var"], min(results[name]["psnr_db_pooled"], 60)
+
+    curve = sorted((n for n in results if n.startswith(("scalekv", "sweep uniform"))), key=lambda n: point(n)[0])
+    fidelity.plot(*zip(*(point(n) for n in curve), strict=True), "o-", label="var + ScaleKV, by budget")
+    for name in curve:
+        fidelity.annotate(name.split()[-1], point(name), fontsize=8, xytext=(4, -10), textcoords="offset points")
+    variants = [n for n in results if n.startswith(f"sweep {SWEEP_BUDGET:g} ")]
+    if variants:  # the investigation's variants at 10 %: one marker each, their span in the legend
+        span = [results[n]["psnr_db_pooled"] for n in variants]
+        fidelity.scatter([point(n)[0] for n in variants], span, marker="x", color="grey",
+                         label=f"10 % variants (window, calibration, scoring): {min(span):.1f}-{max(span):.1f} dB")
+    for name in ("code", "code + scalekv 0.1", "sjd-scale"):
+        if name in results:
+            fidelity.scatter(*point(name), marker="s")
+            same = results[name]["psnr_db_pooled"] >= 100
+            fidelity.annotate(f"{name} (identical)" if same else name, point(name), fontsize=8,
+                              xytext=(-70, -12) if same else (4, 4), textcoords="offset points")
+    floor = [n for n in results if results[n].get("dtype") == "bf16"]
+    for name in floor:
+        fidelity.axhline(results[name]["psnr_db_pooled"], color="tab:red", linewidth=0.8,
+                         label=f"full cache in bf16: {results[name]['psnr_db_pooled']:.1f} dB")
+    fidelity.legend(fontsize=7, loc="upper left")
     fidelity.axhline(30, color="grey", linestyle="--", linewidth=0.8)
     fidelity.axvline(10, color="grey", linestyle=":", linewidth=0.8)
     fidelity.text(10.5, 30.5, "target: >= 30 dB at <= 10 % KV", fontsize=8, color="grey")
