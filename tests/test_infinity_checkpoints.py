@@ -1,14 +1,12 @@
 """Loading official Infinity files: real key/shape lists on the meta device, both tokenizer spellings, shards,
 wrong files named key by key."""
 
-import json
 import re
 
 import pytest
 import torch
 from conftest import SHARED, require_shared
-from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity
-from safetensors.torch import save_file
+from infinity_tiny import TINY_SCHEDULE, random_text, tiny_bsq, tiny_infinity, write_shards
 
 from var.checkpoints import strict_load
 from var.infinity_checkpoints import (
@@ -110,14 +108,7 @@ def test_infinity_file_round_trip_and_shards(tmp_path):
     model = tiny_infinity(seed=4)
     official = infinity_to_official(model, block_chunks=2)
     torch.save(official, tmp_path / "infinity.pth")
-    shards = tmp_path / "sharded"
-    shards.mkdir()
-    keys = sorted(official)
-    save_file({k: official[k].contiguous() for k in keys[:20]}, shards / "model-00001-of-00002.safetensors")
-    torch.save({k: official[k] for k in keys[20:]}, shards / "model-00002-of-00002.bin")
-    weight_map = {k: "model-00001-of-00002.safetensors" if i < 20 else "model-00002-of-00002.bin"
-                  for i, k in enumerate(keys)}
-    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shards = write_shards(official, tmp_path / "sharded")
     text, inputs = random_text([2, 3]), torch.randn(2, TINY_SCHEDULE.length - 1, 4)
     with torch.no_grad():
         expected = model(text, inputs, TINY_SCHEDULE)

@@ -38,6 +38,7 @@ ALPHA = 1e-3  # family-wise level of the seeded exactness runs (Bonferroni over 
 BROKEN = 1e-6  # a broken variant must be rejected at least this strongly
 VOCAB = 4
 SETTINGS = SamplingSettings(cfg=1.5, top_k=3, top_p=0.95, temperature=1.2)  # every processing step active
+pytestmark = pytest.mark.usefixtures("one_thread")  # 25k-row batches of a tiny model: a second thread only waits
 
 
 def tiny_tokenizer(patch_nums: tuple[int, ...]) -> VQVAE:

@@ -22,8 +22,8 @@ def test_inference_decode_matches_the_autograd_path_and_leaves_its_input_alone()
     assert torch.equal(f_hat, kept)
     assert images.shape == reference.shape and images.is_contiguous()
     assert torch.allclose(images, reference, atol=1e-5)
-    with torch.no_grad():  # one image at a time: each image as if decoded alone
-        assert torch.equal(images[1:2], vqvae.fhat_to_image(f_hat[1:2]))
+    with torch.no_grad():  # small images decode as one batch: each as if decoded alone, up to float rounding
+        torch.testing.assert_close(images[1:2], vqvae.fhat_to_image(f_hat[1:2]), rtol=0, atol=1e-5)
 
 
 def test_training_still_backpropagates_through_every_block():

@@ -12,7 +12,8 @@ Accepted sources:
   ``t2i_XL_stage1_256.pt`` ...), the family told by the transformer's keys.
 
 One model alone (CoDe's refiner, a training run's tokenizer, base or teacher) comes from
-:func:`load_one`, from either kind of source.
+:func:`load_one`, from either kind of source; an official transformer file given to it is VAR's or Infinity's,
+told by its keys as for a pair.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 
 from var.checkpoints import check_pair, load_model, load_official_var, load_official_vqvae
 from var.checkpoints_llamagen import check_llamagen_pair, is_llamagen_release, load_llamagen, load_llamagen_vq
-from var.infinity_checkpoints import load_official_infinity_pair, read_infinity_file
+from var.infinity_checkpoints import load_official_infinity, load_official_infinity_pair, read_infinity_file
+from var.models.infinity import Infinity
 from var.models.llamagen import LlamaGen
 from var.models.var import VAR
 from var.tokenizers.llamagen_vq import LlamaGenVQ
@@ -95,6 +97,13 @@ def load_pair(
     return vqvae.to(device).eval(), model.to(device).eval()
 
 
+def load_official_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> VAR | Infinity:
+    """An official VAR or Infinity transformer alone (a CoDe refiner), its family told by its keys; read once
+    (.pth, .safetensors or a folder of shards)."""
+    state = read_infinity_file(source)[0]
+    return load_official_infinity(state) if is_infinity_state(state) else load_official_var(state)
+
+
 def is_infinity_state(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether a transformer state dict is Infinity's (its learned empty text and text norm), not VAR's."""
     return any(name in state_dict for name in ("cfg_uncond", "null_text")) and any(
@@ -124,17 +133,24 @@ def load_official(
     return vqvae_model, var_model
 
 
-OFFICIAL_LOADERS = {"var": load_official_var, "vqvae": load_official_vqvae}
+OFFICIAL_LOADERS = {"var": load_official_transformer, "vqvae": load_official_vqvae}
+
+
+def is_shard_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of weight shards (Infinity-8B's), not a bundle or run directory."""
+    return path.is_dir() and any(path.glob("*.index.json"))
 
 
 def load_one(path: str | os.PathLike, name: str = "var", device: str | torch.device = "cpu"
-             ) -> VAR | LlamaGen | VQVAE:
-    """Model ``name`` (var, ar, vqvae) from a bundle/run directory or, for VAR and the VQ-VAE, an
-    official-format ``.pth`` file; in eval mode on ``device``."""
+             ) -> VAR | Infinity | LlamaGen | VQVAE:
+    """Model ``name`` (var, ar, vqvae) from a bundle/run directory or an official file: for ``var`` a VAR or
+    Infinity transformer (``.pth``, ``.safetensors`` or a folder of shards, told by its keys), for ``vqvae``
+    VAR's VQ-VAE; in eval mode on ``device``."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_shard_folder(path):
         if name not in OFFICIAL_LOADERS:
-            raise ValueError(f"{path}: official checkpoint files hold VAR or VQ-VAE models, not '{name}'")
+            raise ValueError(f"{path}: official checkpoint files hold VAR/Infinity transformers or VAR's VQ-VAE, "
+                             f"not '{name}'")
         model = OFFICIAL_LOADERS[name](path)
     else:
         model = load_model(resolve_bundle(path, name), name)

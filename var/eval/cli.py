@@ -1,5 +1,6 @@
-"""``var eval``: FID / IS / KID / precision-recall of a sample set, or of a model's class-balanced samples;
-``var compare``: paired PSNR / SSIM / LPIPS between two same-seed sample sets.
+"""``var eval``: FID / IS / KID / precision-recall of a sample set, or of a model's class-balanced samples (or,
+text-to-image, of one sample per prompt of ``--prompts``); ``var compare``: paired PSNR / SSIM / LPIPS between
+two same-seed sample sets.
 
 ``var eval`` checks the extractor weights and the reference before sampling, samples (sharded over processes
 under ``accelerate launch``), exports the samples in the OpenAI evaluator's npz format, computes the metrics
@@ -24,7 +25,7 @@ from var.argtypes import integer
 from var.eval.evaluate import METRICS, Evaluator
 from var.eval.fidelity import INCEPTION
 from var.eval.generate import class_balanced_labels, generate_samples, process_state
-from var.eval.images import Samples, load_samples, save_npz_samples, save_pngs
+from var.eval.images import Samples, export_order, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
 from var.sample.arguments import (
@@ -32,13 +33,18 @@ from var.sample.arguments import (
     add_model_arguments,
     add_sampler_arguments,
     add_settings_arguments,
+    add_text_arguments,
     apply_release,
+    encode_prompts,
     load_models,
+    read_prompts,
     sampler_options_from_args,
     settings_from_args,
+    use_text_arguments,
 )
 from var.sample.options import OptionSpec, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, build_sampler
+from var.text import T5TextEncoder
 
 # what --sweep can vary: the sampler, every sampling setting and every declared sampler option
 SAMPLER_CHOICE = OptionSpec(help="the sampler", type=str, choices=SAMPLER_NAMES, name="sampler")
@@ -48,13 +54,15 @@ SWEEPABLE: dict[str, OptionSpec] = {"sampler": SAMPLER_CHOICE, **SETTINGS, **all
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="FID/IS/KID/precision-recall of samples or of a model",
-        description="Evaluate a samples .npz / PNG folder (--samples) or a model's class-balanced samples (--ckpt).",
+        description="Evaluate a samples .npz / PNG folder (--samples), a model's class-balanced samples (--ckpt), "
+                    "or a text-to-image model's samples of --prompts FILE (one per prompt).",
     )
     parser.add_argument("--samples", help="samples .npz (arr_0: uint8 NHWC, optional labels) or a folder of images")
     add_model_arguments(parser)
     add_settings_arguments(parser)
     add_sampler_arguments(parser)
     parser.add_argument("--per-class", type=integer(1), default=50, help="samples per class when sampling a model")
+    add_text_arguments(parser, parser.add_mutually_exclusive_group())
     group = parser.add_argument_group("metrics")
     group.add_argument("--ref", help="reference: stats .npz (mu/sigma, OpenAI VIRTUAL_*.npz as is), images .npz, "
                                      "image folder, dataset name (digits, digits-test, shapes) or training config "
@@ -138,18 +146,20 @@ def summary_line(metrics: dict) -> str:
 
 
 def export_and_evaluate(samples: Samples, evaluator: Evaluator | None, out: Path, args: argparse.Namespace,
-                        report: dict) -> dict:
+                        report: dict, prompts: list[str] | None = None) -> dict:
     """Write the samples (npz / PNGs), compute the metrics and write OUT/report.json; returns the metrics.
 
     Generated samples are written and scored in a seeded shuffled order, so that Inception Score over
-    consecutive splits sees every class in every split; a given npz is scored in its own order."""
+    consecutive splits sees every class in every split (their ``prompts`` follow them into the npz); a given
+    npz is scored in its own order."""
     out.mkdir(parents=True, exist_ok=True)
     exports = {}
     given_npz = str(report.get("samples", "")).endswith(".npz")
     if not given_npz:
         samples = samples.shuffled()
     if not args.no_npz and not given_npz:
-        save_npz_samples(out / "samples.npz", samples)
+        given = {} if prompts is None else {"prompts": np.array(prompts)[export_order(len(prompts)).numpy()]}
+        save_npz_samples(out / "samples.npz", samples, **given)
         exports["npz"] = str(out / "samples.npz")
     if args.png:
         save_pngs(out / "samples", samples)
@@ -190,10 +200,15 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--sweep varies sampling settings, so it needs a model (--ckpt), not --samples")
     if args.samples and not Path(args.samples).exists():  # before the extractor and reference are prepared
         raise FileNotFoundError(f"{args.samples} is neither a samples .npz (arr_0: uint8 NHWC) nor a folder of images")
+    prompts = read_prompts(args)
+    if prompts is not None and not from_model:
+        raise ValueError("--prompt/--prompts are for sampling a text-to-image model: pass it (--vae and --var, "
+                         "--ckpt or --model)")
     if from_model:
         apply_release(args)  # a released model's files are resolved and checked here
         settings_from_args(args)  # bad sampling settings fail before any weights are read
     state, device = process_state(args.device)
+    encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     with state.main_process_first():  # the main process trains/caches shared judges first
         evaluator = build_evaluator(args, device)  # weights and reference checked before any sampling
     out = Path(args.out)
@@ -205,12 +220,18 @@ def run(args: argparse.Namespace) -> None:
         return
 
     vqvae, model = load_models(args, device)
-    labels = class_balanced_labels(model.num_classes, args.per_class)
+    use_text_arguments(args, model, prompts)
+    if prompts is not None:
+        conditions = encode_prompts(encoder, model, prompts)
+        del encoder  # T5 is not needed while sampling
+    else:
+        conditions = class_balanced_labels(model.num_classes, args.per_class)
     name, values = sweep if sweep else (None, [None])
     results: list[dict] = []
     try:
         for value in values:
-            results.append(evaluate_setting(args, name, value, model, vqvae, labels, evaluator, state, device, out))
+            results.append(evaluate_setting(args, name, value, model, vqvae, conditions, evaluator, state, device,
+                                            out, prompts))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(interrupted_note(out, name, values, len(results))) from None
     results = [metrics for metrics in results if metrics is not None]
@@ -231,16 +252,17 @@ def interrupted_note(out: Path, name: str | None, values: list, finished: int) -
             f"--sweep {name}={left}")
 
 
-def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, vqvae, labels, evaluator,
-                     state, device: torch.device, out: Path) -> dict | None:
-    """Sample and evaluate one setting of a sweep (or the only one); the metrics on the main process, else None."""
+def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, vqvae, conditions, evaluator,
+                     state, device: torch.device, out: Path, prompts: list[str] | None = None) -> dict | None:
+    """Sample and evaluate one setting of a sweep (or the only one): one sample per condition (class labels, or
+    the encoded ``prompts``); the metrics on the main process, else None."""
     sweep = name is not None
     run_args = with_setting(args, name, value) if sweep else args
-    settings = settings_from_args(run_args)
-    options = sampler_options_from_args(run_args, device, tokenizer=vqvae)
+    settings = settings_from_args(run_args, model)
+    options = sampler_options_from_args(run_args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
     start = time.perf_counter()
-    samples = generate_samples(sampler, labels, run_args.batch_size, run_args.seed, device, run_args.dtype,
+    samples = generate_samples(sampler, conditions, run_args.batch_size, run_args.seed, device, run_args.dtype,
                                state, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     if not state.is_main_process:
@@ -252,15 +274,17 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
                   if args.model else args.ckpt or {"vae": args.vae, "var": args.var}),
         "sampler": run_args.sampler, "sampler_options": options_report(sampler, run_args),
         **dataclasses.asdict(settings), "seed": run_args.seed,
-        "seeding": "batch b = labels[b*B:(b+1)*B] is sampled with seed + b",
-        "batch_size": run_args.batch_size, "per_class": args.per_class, "num_classes": model.num_classes,
+        "seeding": f"batch b = {'prompts' if prompts else 'labels'}[b*B:(b+1)*B] is sampled with seed + b",
+        "batch_size": run_args.batch_size,
+        **({"prompts": args.prompts or "--prompt", "num_prompts": len(prompts), "resolution": args.resolution,
+            "aspect": args.aspect} if prompts else {"per_class": args.per_class, "num_classes": model.num_classes}),
         "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
-        "sampling_s": round(seconds, 3), "samples_per_s": round(len(labels) / max(seconds, 1e-9), 3),
+        "sampling_s": round(seconds, 3), "samples_per_s": round(len(conditions) / max(seconds, 1e-9), 3),
     }}
     if sweep:
         report["sweep"] = {name: value}
     target = out / f"{name}_{value}" if sweep else out
-    return export_and_evaluate(samples, evaluator, target, run_args, report)
+    return export_and_evaluate(samples, evaluator, target, run_args, report, prompts)
 
 
 def run_compare(args: argparse.Namespace) -> None:

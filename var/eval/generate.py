@@ -1,6 +1,7 @@
-"""Class-balanced sample sets for evaluation, sharded over processes with accelerate.
+"""Class-balanced (or one-per-prompt) sample sets for evaluation, sharded over processes with accelerate.
 
-The set is fixed by (labels, batch size, seed) alone: global batch b holds labels[b*B : (b+1)*B] and is
+The set is fixed by (conditions, batch size, seed) alone: global batch b holds conditions[b*B : (b+1)*B] (class
+labels, or a text-to-image model's encoded prompts) and is
 sampled with seed ``seed + b`` (the convention of ``var sample``).  Under ``accelerate launch`` process p
 samples batches p, p+P, p+2P, ...; after each round the round's batches are gathered, which puts them in
 global order, so the result is identical for any number of processes.
@@ -46,10 +47,24 @@ def process_state(device: str = "auto") -> tuple[PartialState, torch.device]:
     return state, resolve_device(device)
 
 
+def image_shape(sampler) -> tuple[int, int]:
+    """(height, width) of the sampler's images: the VQ-VAE's image size, the last scale of a schedule (Infinity)
+    or the token grid (LlamaGen) times the tokenizer's pixels per token."""
+    config, model = sampler.tokenizer.config, sampler.model
+    side = getattr(config, "image_size", None)
+    if side is not None:
+        return side, side
+    if hasattr(model, "schedule"):  # Infinity: BSQ latent pixels of patch_size, 2 x 2 per token with patchify
+        factor = config.patch_size * (2 if config.spatial_patchify else 1)
+        height, width = model.schedule.shapes[-1]
+        return height * factor, width * factor
+    return model.grid[0] * sampler.tokenizer.downsample, model.grid[1] * sampler.tokenizer.downsample
+
+
 @torch.no_grad()
 def generate_samples(
     sampler,
-    labels: torch.Tensor,
+    labels,
     batch_size: int,
     seed: int,
     device: torch.device,
@@ -57,21 +72,20 @@ def generate_samples(
     state: PartialState | None = None,
     progress: bool = True,
 ) -> Samples | None:
-    """Sample one image per label, sharded over processes; the main process gets them all, in order.
+    """Sample one image per label (class labels, or encoded prompts: the samples then carry no labels), sharded
+    over processes; the main process gets them all, in order.
 
     Returns the uint8 samples on the main process and None on the others.
     """
     state = state or PartialState()
     count, processes, rank = len(labels), state.num_processes, state.process_index
     num_batches = math.ceil(count / batch_size)
-    side = getattr(sampler.tokenizer.config, "image_size", None)
-    if side is None:  # LlamaGen's VQ decodes any grid: the model's token grid times the downsampling
-        side = sampler.model.grid[0] * sampler.tokenizer.downsample
+    height, width = image_shape(sampler)
     images_out, ids_out = [], []
     bar = tqdm(total=count, desc="sampling", unit="img", disable=not (progress and state.is_main_process))
     for round_start in range(0, num_batches, processes):
         batch = round_start + rank
-        images = torch.zeros(batch_size, 3, side, side, dtype=torch.uint8)  # padding where this rank is idle
+        images = torch.zeros(batch_size, 3, height, width, dtype=torch.uint8)  # padding where this rank is idle
         ids = torch.full((batch_size,), -1, dtype=torch.long)
         if batch < num_batches:
             sampled = sample_in_batches(sampler, labels, batch_size, seed, device, dtype, False, [batch])
@@ -89,4 +103,4 @@ def generate_samples(
     ids = torch.cat(ids_out)
     if not torch.equal(ids, torch.arange(count)):
         raise RuntimeError(f"sharded sampling returned {len(ids)} samples out of order or incomplete (of {count})")
-    return Samples(torch.cat(images_out), labels.cpu())
+    return Samples(torch.cat(images_out), labels.cpu() if isinstance(labels, torch.Tensor) else None)

@@ -23,6 +23,7 @@ from var.models.llamagen import Captions
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
+from var.sample.rules import LlamaGenRule, rule_for
 from var.text import FLAN_T5_XL, T5TextEncoder
 
 SETTINGS = declared(SamplingSettings)
@@ -48,7 +49,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampling settings (guidance, filtering), the seed and the batch size."""
-    group = parser.add_argument_group("sampling")
+    llamagen = "; ".join(f"{kind}: " + " ".join(f"{SETTINGS[name].flag} {value:g}" for name, value in values.items())
+                         for kind, values in LlamaGenRule.OFFICIAL_DEFAULTS.items())
+    group = parser.add_argument_group(
+        "sampling", f"the defaults shown are VAR's; a LlamaGen model takes its official ones ({llamagen})")
     add_option_arguments(group, SETTINGS)  # None = not given: a release's or the declared default applies
     group.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="batch i is sampled with seed + i")
     group.add_argument("--batch-size", type=integer(1), default=64)
@@ -146,10 +150,16 @@ def encode_prompts(encoder: T5TextEncoder, model, prompts: list[str]) -> PackedT
     return Captions(*encoder.encode_llamagen(prompts, max_length=model.config.cls_token_num))
 
 
-def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
-    """Settings from the derived flags (a one-value per-scale list becomes that value; a flag not given takes the
-    declared default)."""
-    values = {name: getattr(args, name) if getattr(args, name) is not None else spec.default
+def settings_from_args(args: argparse.Namespace, model: torch.nn.Module | None = None) -> SamplingSettings:
+    """Settings from the derived flags (a one-value per-scale list becomes that value).
+
+    A flag not given (None; a ``--model`` release has already filled its own) takes the default of ``model``'s
+    family (its rule's :meth:`~var.sample.rules.TokenRule.default_settings`: LlamaGen's official top-k 2000,
+    top-p 1, cfg-scale 4 ...), else the declared default (VAR's).  Without ``model`` (checking the flags before
+    any weights are read) every such flag takes the declared default.
+    """
+    family = rule_for(model).default_settings() if model is not None else {}
+    values = {name: getattr(args, name) if getattr(args, name) is not None else family.get(name, spec.default)
               for name, spec in SETTINGS.items()}
     for name, spec in SETTINGS.items():
         if spec.per_scale and isinstance(values[name], (list, tuple)) and len(values[name]) == 1:
@@ -160,9 +170,9 @@ def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 
 def sampler_options_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
-                              tokenizer: torch.nn.Module | None = None) -> dict:
-    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device`` (and,
-    given the ``tokenizer`` they will decode with, checked to be trained on it unless --force-tokenizer).
+                              tokenizer: torch.nn.Module | None = None, model: torch.nn.Module | None = None) -> dict:
+    """The options of ``args.sampler`` set on the command line, model-valued ones loaded onto ``device`` (see
+    :func:`load_option_model` for the checks against ``tokenizer`` and ``model``).
 
     Raises a ValueError naming every flag that the chosen sampler does not take.
     """
@@ -171,10 +181,34 @@ def sampler_options_from_args(args: argparse.Namespace, device: torch.device | s
     check_applicable(given, args.sampler, sampler_options(args.sampler), specs)
     for name, value in given.items():
         if specs[name].model:
-            given[name] = load_one(value, specs[name].model, device)
-            if tokenizer is not None:
-                check_pair(tokenizer, given[name], getattr(args, "force_tokenizer", False))
+            given[name] = load_option_model(f"--{name.replace('_', '-')} {value}", value, specs[name].model, device,
+                                            tokenizer, model, getattr(args, "force_tokenizer", False))
     return given
+
+
+def load_option_model(flag: str, path: str, kind: str, device: torch.device | str, tokenizer: torch.nn.Module | None,
+                      model: torch.nn.Module | None, force_tokenizer: bool) -> torch.nn.Module:
+    """A model-valued option (CoDe's refiner) loaded from ``path``: VAR or Infinity, told by its keys.
+
+    Given the ``model`` it works with, it must be of the same family (one line naming both otherwise, before any
+    tokenizer check), and an Infinity takes that model's scale schedule (--resolution/--aspect: schedules are not
+    in the weights); given the ``tokenizer`` it decodes with, it must fit it and (unless ``force_tokenizer``) have
+    been trained on it.
+    """
+    loaded = load_one(path, kind, device)
+    if model is not None and type(loaded) is not type(model):
+        family = type(model).__name__
+        files = ".pth/.safetensors/shard folder" if family == "Infinity" else "bundle, run directory or .pth"
+        raise ValueError(f"{flag} holds {type(loaded).__name__} weights but the model given is {family}: give "
+                         f"{family} weights ({files}) over the same tokenizer")
+    try:
+        if isinstance(loaded, Infinity) and model is not None:
+            loaded.use_schedule(model.schedule)
+        if tokenizer is not None:
+            check_pair(tokenizer, loaded, force_tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+    return loaded
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple:

@@ -64,13 +64,14 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     apply_release(args)
-    settings = settings_from_args(args)  # checked before any model is loaded
+    settings_from_args(args)  # bad settings fail before any model is loaded
     device = resolve_device(args.device)
     prompts = read_prompts(args)
     encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     vqvae, model = load_models(args, device)
+    settings = settings_from_args(args, model)  # unspecified settings: the model family's defaults
     use_text_arguments(args, model, prompts)
-    options = sampler_options_from_args(args, device, tokenizer=vqvae)
+    options = sampler_options_from_args(args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(args.sampler, model, vqvae, settings, **options)
     if prompts is not None:
         conditions = encode_prompts(encoder, model, prompts)

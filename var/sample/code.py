@@ -57,8 +57,10 @@ def check_refiner(drafter: ScaleModel, refiner: ScaleModel) -> None:
 class CoDeOptions(VAROptions):
     """CoDe's drafter/refiner split; the KV options apply to the drafter, ``refiner_kv_budget`` to the refiner."""
 
-    refiner: ScaleModel | None = option(None, "CoDe: the refiner, a bundle/run directory or an official-format .pth",
-                                 model="var", metavar="PATH")
+    refiner: ScaleModel | None = option(
+        None, "CoDe: the refiner, of the drafter's family: a bundle/run directory, an official VAR .pth, or an "
+        "official Infinity .pth/.safetensors/shard folder (told by its keys; it decodes the drafter's schedule)",
+        model="var", metavar="PATH")
     draft_steps: int | None = option(None, "CoDe: scales the drafter decodes (default: all but the last 2)",
                                      type=int, minimum=1)
     refiner_kv_budget: float | str | KVBudget | None = option(

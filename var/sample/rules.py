@@ -28,6 +28,11 @@ class TokenRule:
     def __init__(self, model):
         self.model = model
 
+    def default_settings(self) -> dict:
+        """The family's own sampling settings (its official sample script's), for every setting a user does not
+        give; the declared defaults of :class:`SamplingSettings` are VAR's, so VAR's rule adds none."""
+        return {}
+
     def guided(self, settings: SamplingSettings) -> bool:
         """Whether the batch carries an unconditional half (the rows double)."""
         return True
@@ -88,6 +93,15 @@ class LlamaGenRule(TokenRule):
     """
 
     supports_cfg_interval = True
+    # sample_c2i.py / sample_t2i.py: --cfg-scale 4.0 / 7.5 (our cfg 3.0 / 6.5), --top-k 2000 / 1000, top-p and
+    # temperature 1.0; VAR's top-k 900 / top-p 0.96 are not LlamaGen's
+    OFFICIAL_DEFAULTS = {
+        "c2i": {"cfg": 3.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0},
+        "t2i": {"cfg": 6.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0},
+    }
+
+    def default_settings(self) -> dict:
+        return dict(self.OFFICIAL_DEFAULTS[self.model.config.model_type])
 
     def guided(self, settings: SamplingSettings) -> bool:
         return settings.cfg > 0
