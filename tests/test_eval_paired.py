@@ -57,6 +57,11 @@ def test_ssim_and_psnr_known_values():
     uint8_a = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     results = compare_images(uint8_a, uint8_a + 51)  # 51 / 255 = 0.2 everywhere
     assert results["psnr_db"] == pytest.approx(10 * math.log10(25), rel=1e-9)
+    assert results["psnr_db_pooled"] == pytest.approx(10 * math.log10(25), rel=1e-9)
+    # one identical pair (capped at 100 dB) lifts the per-image mean, not the pooled figure: MSE 0.04 / 2
+    results = compare_images(torch.cat([uint8_a, uint8_a]), torch.cat([uint8_a, uint8_a + 51]))
+    assert results["psnr_db"] == pytest.approx((100 + 10 * math.log10(25)) / 2, rel=1e-9)
+    assert results["psnr_db_pooled"] == pytest.approx(10 * math.log10(50), rel=1e-9)
     assert results["ssim_window"] == 7 and any("window" in note for note in results["notes"])
 
 

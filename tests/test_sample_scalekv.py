@@ -245,3 +245,18 @@ def test_a_budget_below_the_window_floor_says_so(pair, capsys):
     assert out.stats["kv_fraction"] > 0.05
     err = capsys.readouterr().err
     assert err.count("warning: KV budget 0.05 cannot be met") == 1 and f"{out.stats['kv_fraction']:.3f}" in err
+
+
+def test_a_capped_drafter_leaves_its_surplus_to_the_refiners(pair):
+    """A layer that drafts at one scale only is capped by the water-filling of the buffers; what the cap takes
+    from it goes to the other layers, so every compressed scale still keeps the whole budget."""
+    cfg = pair[1].config
+    drafters = [[0] if k == 3 else [] for k in range(cfg.num_scales)]
+    budget = KVBudget.from_roles(cfg, 0.2, drafters, window_side=1)
+    budget.check(cfg)
+    total = budget.tokens_per_layer * cfg.depth
+    assert sum(budget.capacities(0, cfg.num_scales)) <= total
+    for k in range(1, cfg.num_scales):
+        available = [held + cfg.tokens_per_scale[k - 1] for held in budget.history[k - 1]]
+        if max(available) > budget.tokens_per_layer:  # a compressed scale
+            assert sum(budget.history[k]) == total, (k, budget.history)

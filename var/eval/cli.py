@@ -293,7 +293,8 @@ def run_compare(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.a} and {args.b} have different labels: compare same-class, same-seed sample sets")
     results = compare_images(a.images, b.images, with_lpips=not args.no_lpips)
     line = (f"{results['num_pairs']} pairs ({a.images.shape[-2]}x{a.images.shape[-1]}): "
-            f"PSNR {results['psnr_db']:.3f} dB (min {results['psnr_db_min']:.3f})  "
+            f"PSNR {results['psnr_db']:.3f} dB (min {results['psnr_db_min']:.3f}, pooled "
+            f"{results['psnr_db_pooled']:.3f})  "
             f"SSIM {results['ssim']:.5f} (min {results['ssim_min']:.5f})")
     if "lpips" in results:
         line += f"  LPIPS {results['lpips']:.5f}"

@@ -25,7 +25,17 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image PSNR in dB of float images (N, C, H, W), capped at :data:`PSNR_CAP_DB`."""
-    mse = (a - b).pow(2).flatten(1).mean(dim=1)
+    return _psnr_of_mse((a - b).pow(2).flatten(1).mean(dim=1), data_range)
+
+
+def pooled_psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
+    """PSNR in dB of the mean squared error over the whole set: what torchmetrics' PeakSignalNoiseRatio
+    accumulated over every image reports (ScaleKV's protocol).  Unlike the mean of per-image PSNRs, images
+    that came out identical (capped at 100 dB each) cannot hide the ones that changed."""
+    return _psnr_of_mse((a - b).pow(2).mean(), data_range).item()
+
+
+def _psnr_of_mse(mse: torch.Tensor, data_range: float) -> torch.Tensor:
     floor = data_range**2 * 10 ** (-PSNR_CAP_DB / 10)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
 
@@ -92,7 +102,8 @@ def lpips_distance(
 
 
 def compare_images(a: torch.Tensor, b: torch.Tensor, with_lpips: bool = True) -> dict:
-    """Mean (and worst) per-image PSNR / SSIM (/ LPIPS) between two uint8 (N, 3, H, W) sets of the same shape."""
+    """Mean (and worst) per-image PSNR / SSIM (/ LPIPS) between two uint8 (N, 3, H, W) sets of the same shape,
+    and the set's pooled PSNR (``psnr_db_pooled``, see :func:`pooled_psnr`)."""
     if a.shape != b.shape:
         raise ValueError(f"sample sets differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}; compare same-seed runs")
     unit_a, unit_b = to_unit(a), to_unit(b)
@@ -102,6 +113,7 @@ def compare_images(a: torch.Tensor, b: torch.Tensor, with_lpips: bool = True) ->
         "num_pairs": len(a),
         "psnr_db": psnr_values.mean().item(),
         "psnr_db_min": psnr_values.min().item(),
+        "psnr_db_pooled": pooled_psnr(unit_a, unit_b),
         "ssim": ssim_values.mean().item(),
         "ssim_min": ssim_values.min().item(),
         "ssim_window": window,

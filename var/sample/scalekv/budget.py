@@ -127,8 +127,8 @@ class KVBudget:
             kept = [0] * depth
             if drafting:
                 cap = max((total - floor * len(refining)) // len(drafting), floor)
-                for layer in drafting:
-                    kept[layer] = cap
+                for layer in drafting:  # capped first, so the refiners' share gets what a cap leaves
+                    kept[layer] = min(cap, caps[layer])
             if refining:
                 share = (total - sum(min(kept[layer], available[layer]) for layer in drafting)) // len(refining)
                 for layer in refining:
