@@ -158,7 +158,12 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            hidden = F.gelu(hidden, approximate="tanh")
+        else:  # the same values in place: no second (tokens x 4C) buffer per block
+            hidden = torch.ops.aten.gelu_(hidden, approximate="tanh")
+        return self.drop(self.fc2(hidden))
 
 
 class AdaLNBlock(nn.Module):
