@@ -4,12 +4,13 @@ Every sampler in var/sample is written against these protocols, never against a 
 (LlamaGen's raster GPT, Infinity's bitwise next-scale transformer) plugs into every sampler that fits it by
 offering these methods.  Two kinds exist:
 
-* **next-scale** (:class:`ScaleModel` + :class:`ScaleTokenizer`): VAR today, Infinity next.  An image is a
+* **next-scale** (:class:`ScaleModel` + :class:`ScaleTokenizer`): VAR and Infinity.  An image is a
   schedule of token grids, coarse to fine (:class:`ScaleSchedule`, (h, w) per scale: Infinity's are not
   square).  One block-causal pass decodes one or more scales on top of a KV cache; the tokenizer turns a
   scale's tokens into features, accumulates them into the latent f_hat and derives the next scale's input
   (VAR: area-downsampled f_hat; Infinity: trilinear), then decodes f_hat to images.
-* **raster** (:class:`RasterModel` + :class:`RasterTokenizer`): the raster AR baseline today, LlamaGen next.
+* **raster** (:class:`RasterModel` + :class:`RasterTokenizer`): LlamaGen (trained by ``var train --model ar``
+  on our tokenizers, or loaded from its released files).
   ``T = condition_length(cond)`` condition positions come first (1 class token; LlamaGen t2i: 120 text
   tokens), then the image tokens; the output at sequence position p predicts image token p - T + 1.  A
   forward takes any number of new tokens at explicit per-row absolute positions (ragged speculative windows,
@@ -200,7 +201,7 @@ class ScaleTokenizer(Protocol):
 
 @runtime_checkable
 class RasterModel(ConditionedModel, Protocol):
-    """A raster-order next-token transformer (the raster AR baseline; LlamaGen)."""
+    """A raster-order next-token transformer (LlamaGen)."""
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -175,7 +175,7 @@ class MultiScaleQuantizer(nn.Module):
         """Algorithm (B): per-scale index maps -> f_hat (B, Cvae, h, w), bit-identical to ``quantize``.
 
         ``patch_nums`` overrides the schedule the maps were quantised with (e.g. ``(side,)`` for the single
-        token map of the raster AR baseline, as ``quantize(f, (side,))`` produces it).
+        token map a raster LlamaGen trained on this tokenizer decodes, as ``quantize(f, (side,))`` produces it).
         """
         schedule = tuple(patch_nums or self.patch_nums)
         patch_nums = schedule[: len(indices)]  # a prefix of the scales gives a partial f_hat

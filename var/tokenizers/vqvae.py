@@ -79,6 +79,9 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+DECODE_CHUNK_PIXELS = 256 * 256  # CPU inference decode: output pixels per decoder call
+
+
 def _fused_conv_add_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
 
@@ -402,18 +405,21 @@ class VQVAE(PretrainedMixin, nn.Module):
         """Decode a quantised latent (B, Cvae, h, w) to images (B, 3, H, W) in [-1, 1].
 
         Without autograd on CPU the decoder runs channels-last (oneDNN's native layout: no reordering copy
-        around each convolution) and one image at a time (CPU convolutions are no faster on a batch, and the
-        full-resolution activations of each image would add up to the peak memory).  The images are the
-        same up to float rounding (the parity tolerance).
+        around each convolution) on chunks of at most DECODE_CHUNK_PIXELS output pixels: one image at a time
+        from 256 px up (CPU convolutions are no faster on a batch, and the full-resolution activations of each
+        image would add up to the peak memory), many at a time for small images (where the per-call overhead
+        would dominate).  The images are the same up to float rounding (the parity tolerance).
         """
         if torch.is_grad_enabled() or f_hat.device.type != "cpu":
             return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+        pixels = f_hat.shape[-2] * f_hat.shape[-1] * self.config.downsample ** 2  # output pixels per image
+        chunk = max(1, DECODE_CHUNK_PIXELS // pixels)
         images = None
-        for index, latent in enumerate(f_hat.split(1)):
-            image = self.decoder(self.post_quant_conv(latent.contiguous(memory_format=torch.channels_last)))
+        for start, latent in zip(range(0, f_hat.shape[0], chunk), f_hat.split(chunk), strict=True):
+            decoded = self.decoder(self.post_quant_conv(latent.contiguous(memory_format=torch.channels_last)))
             if images is None:
-                images = image.new_empty((f_hat.shape[0], *image.shape[1:]))  # (B, 3, H, W), contiguous
-            images[index] = image[0].clamp_(-1, 1)
+                images = decoded.new_empty((f_hat.shape[0], *decoded.shape[1:]))  # (B, 3, H, W), contiguous
+            images[start:start + len(decoded)] = decoded.clamp_(-1, 1)
         return images
 
     def decode(self, indices: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
@@ -448,7 +454,7 @@ class VQVAE(PretrainedMixin, nn.Module):
         return self.quantize.next_input(scale, f_hat, features)[1]
 
     def tokens_to_latent(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """f_hat of one raster token map (B, h*w) quantised as a single scale (the raster AR baseline)."""
+        """f_hat of one raster token map (B, h*w) quantised as a single scale (a raster LlamaGen on this tokenizer)."""
         height, width = grid
         if height != width:
             raise ValueError(f"the VQ-VAE decodes square token maps; got {height}x{width}")
