@@ -232,23 +232,23 @@ class ScaleKVPolicy(KVPolicy):
         self.window_side = window_side
         self.warned = False  # the budget-cannot-be-met line is printed once
 
-    def budget_for(self, model) -> KVBudget:
+    def budget_for(self, model, stop: int | None = None) -> KVBudget:
+        """The budget on ``model``: the calibrated one (checked against its shape), or the uniform fraction for a
+        runner that stops before scale ``stop``."""
+        shape = budget_shape(model)
         if isinstance(self.budget, KVBudget):
-            self.budget.check(budget_shape(model))
+            self.budget.check(shape)
             return self.budget
-        return KVBudget.uniform(budget_shape(model), float(self.budget), self.window_side)
+        return KVBudget.uniform(shape, float(self.budget), self.window_side, stop=stop)
 
     def make_cache(self, model, rows: int, start: int = 0, stop: int | None = None) -> KVCache:
         """A cache holding at most the budget's fraction of this runner's full cache (a fractional budget is
         allocated for the scales the runner decodes); where the SOS + window floor forces more, one line
         on stderr says so, once per policy, and the stats report the real fraction."""
         stop = model.schedule.num_scales if stop is None else stop
-        if isinstance(self.budget, KVBudget):
-            budget = self.budget_for(model)
-        else:
-            budget = KVBudget.uniform(model.config, float(self.budget), self.window_side, stop=stop)
+        budget = self.budget_for(model, stop)
         cache = ScaleKVCache(budget, budget.capacities(start, stop), self.scoring, self.share_cfg_choice,
-                             self.pool_kernel, budget.fraction_of_full(model.config, start, stop))
+                             self.pool_kernel, budget.fraction_of_full(budget_shape(model), start, stop))
         if cache.fraction > budget.fraction + 1e-9 and not self.warned:
             self.warned = True
             print(f"warning: KV budget {budget.fraction:g} cannot be met: the SOS + observation-window floor keeps "
