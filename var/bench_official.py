@@ -47,7 +47,7 @@ from var.sample.code import CoDeSampler
 from var.sample.logits import SamplingSettings
 from var.sample.scale import VARSampler
 from var.tokenizers.vqvae import OFFICIAL_PATCH_NUMS_256
-from var.utils import autocast, resolve_device
+from var.utils import atomic_write, atomic_write_text, autocast, resolve_device
 
 # Constructor arguments of the official build functions: the released sizes, or tiny ones for a CPU smoke
 # run.  The official code supports only its own scale schedule (CoDe hard-codes its token offsets).
@@ -605,7 +605,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vs_official.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "vs_official.json", json.dumps(report, indent=1))
     plot(rows, out / "vs_official.png", report["settings"])
     print(f"wrote {out / 'vs_official.json'} and {out / 'vs_official.png'}")
     mismatches = [f"{_label(r)}: {r['token_mismatch']}" for r in rows if "token_mismatch" in r]
@@ -690,5 +690,5 @@ def plot(rows: list[dict], path: Path, settings: dict) -> None:
                  f"top-k {settings['top_k']}, top-p {settings['top_p']}, decode included, "
                  f"{settings['runs']} interleaved runs)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
