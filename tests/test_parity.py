@@ -160,11 +160,9 @@ def test_parity_transformer_forward(fixture):
     x = var.input_tokens(cond, teacher, begin=0)
     assert _max_diff(x, cases["var_x_in"]) <= TOLERANCE["var_x_in"]
     mask = var.scale_mask(0, var.config.num_scales - 1, 0)
-    block_cond = cond
-    if var.shared_modulation is not None:
-        block_cond = var.shared_modulation(torch.nn.functional.silu(cond)).view(-1, 1, 6, var.config.width)
-    for block, ref in zip(var.blocks, cases["var_block_out"], strict=True):
-        x = block(cases["var_x_in"] if block is var.blocks[0] else x, block_cond, mask)
+    modulations = var.block_modulations(cond)
+    for block, mods, ref in zip(var.blocks, modulations, cases["var_block_out"], strict=True):
+        x = block(cases["var_x_in"] if block is var.blocks[0] else x, mods, mask)
         assert _max_diff(x, ref) <= TOLERANCE["block_out"]
     assert var.training is False  # eval mode: labels are used as given (no label dropout)
     assert _max_diff(var(labels, teacher), cases["logits"]) <= TOLERANCE["logits"]

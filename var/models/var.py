@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +158,12 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            hidden = F.gelu(hidden, approximate="tanh")
+        else:  # the same values in place: no second (tokens x 4C) buffer per block
+            hidden = torch.ops.aten.gelu_(hidden, approximate="tanh")
+        return self.drop(self.fc2(hidden))
 
 
 class AdaLNBlock(nn.Module):
@@ -183,19 +188,22 @@ class AdaLNBlock(nn.Module):
         else:
             self.modulation = nn.Linear(width, 6 * width)
 
+    def modulations(self, cond: torch.Tensor) -> torch.Tensor:
+        """The six modulation vectors (B, 1, 6, C) from the class embedding (B, C), or from the shared
+        modulation (B, 1, 6, C) with shared AdaLN."""
+        if self.shared_aln:
+            return self.modulation_offset + cond
+        return self.modulation(F.silu(cond)).view(-1, 1, 6, self.width)
+
     def forward(
         self,
         x: torch.Tensor,
-        cond: torch.Tensor,
+        mods: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        # cond: (B, C) class embedding, or (B, 1, 6, C) shared modulation
-        if self.shared_aln:
-            mods = self.modulation_offset + cond
-        else:
-            mods = self.modulation(F.silu(cond)).view(-1, 1, 6, self.width)
+        """x (B, n, C) through the block modulated by ``mods`` (B, 1, 6, C) (:meth:`modulations`)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)  # each (B, 1, C)
         h = self.norm(x).mul(scale1.add(1)).add_(shift1)
         x = x + self.drop_path(self.attn(h, attn_mask, cache, layer).mul_(gamma1))
@@ -223,6 +231,34 @@ def block_causal_mask(query_scales: torch.Tensor, key_scales: torch.Tensor) -> t
     Groups are scale indices for VAR (bidirectional inside a scale) or positions for a raster model.
     """
     return query_scales[:, None] >= key_scales[None, :]
+
+
+@dataclass
+class ClassRows:
+    """The condition rows of one sampling batch (:meth:`ConditionalTransformer.condition`): class embeddings
+    (rows, C) and, from the first pass on, every block's AdaLN modulation of them.
+
+    The modulations depend on the classes only, so the batch's later scales reuse them: the official sampler
+    recomputes them at every scale, a (rows x C) @ (C x 6C) product per block that reads as many weights as
+    the block's attention and MLP together.  Reuse is exact (the same product of the same operands).
+    """
+
+    embedding: torch.Tensor
+    _modulations: dict = field(default_factory=dict, repr=False)  # autocast dtype (None: off) -> per block
+
+    @staticmethod
+    def of(cond: ClassRows | torch.Tensor) -> ClassRows:
+        return cond if isinstance(cond, ClassRows) else ClassRows(cond)
+
+    def modulations(self, model: ConditionalTransformer) -> list[torch.Tensor]:
+        """``model.block_modulations(embedding)``, computed once per autocast dtype (every time with autograd)."""
+        if torch.is_grad_enabled():
+            return model.block_modulations(self.embedding)
+        device = self.embedding.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if dtype not in self._modulations:
+            self._modulations[dtype] = model.block_modulations(self.embedding)
+        return self._modulations[dtype]
 
 
 class ConditionalTransformer(PretrainedMixin, nn.Module):
@@ -334,11 +370,22 @@ class ConditionalTransformer(PretrainedMixin, nn.Module):
     def condition_batch_size(self, labels: Conditions) -> int:
         return labels.shape[0]
 
-    def condition(self, labels: Conditions, guided: bool) -> torch.Tensor:
-        """Class embeddings (rows, C): the labels, then (``guided``) as many null-class rows."""
+    def condition(self, labels: Conditions, guided: bool) -> ClassRows:
+        """Class rows (:class:`ClassRows`): the labels, then (``guided``) as many null-class rows."""
         if guided:
             labels = torch.cat((labels, torch.full_like(labels, self.num_classes)))
-        return self.class_condition(labels)
+        return ClassRows(self.class_condition(labels))
+
+    def block_modulations(self, cond: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's AdaLN modulation (B, 1, 6, C) for class embeddings ``cond`` (B, C), in the autocast
+        dtype when autocast is on.  They depend on the classes only: a sampler computes them once per batch
+        (:class:`ClassRows`) instead of once per scale."""
+        block_cond = cond
+        if self.shared_modulation is not None:
+            block_cond = self.shared_modulation(F.silu(cond)).view(-1, 1, 6, self.config.width)
+        if torch.is_autocast_enabled(cond.device.type):
+            block_cond = block_cond.to(torch.get_autocast_dtype(cond.device.type))
+        return [block.modulations(block_cond) for block in self.blocks]
 
     def forward_hidden(
         self,
@@ -346,20 +393,23 @@ class ConditionalTransformer(PretrainedMixin, nn.Module):
         cond: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        modulations: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run every block on embedded tokens x (B, n, C); returns hidden states (B, n, C)."""
-        block_cond = cond
-        if self.shared_modulation is not None:
-            block_cond = self.shared_modulation(F.silu(cond)).view(-1, 1, 6, self.config.width)
+        """Run every block on embedded tokens x (B, n, C); returns hidden states (B, n, C).
+
+        ``modulations``: :meth:`block_modulations` of ``cond`` when the caller already has them.
+        """
+        if modulations is None:
+            modulations = self.block_modulations(cond)
         if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, block_cond = x.to(dtype), block_cond.to(dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, block_cond, attn_mask, cache, layer)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        for layer, (block, mods) in enumerate(zip(self.blocks, modulations, strict=True)):
+            x = block(x, mods, attn_mask, cache, layer)
         return x
 
-    def logits(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (B, n, V) in float32."""
+    def logits(self, hidden: torch.Tensor, cond: ClassRows | torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (B, n, V) in float32 (``cond``: class rows or embeddings (B, C))."""
+        cond = ClassRows.of(cond).embedding
         return self.head(self.head_norm(hidden.float(), cond).float()).float()
 
     def num_params(self) -> int:
@@ -440,13 +490,15 @@ class VAR(ConditionalTransformer):
         return block_causal_mask(query_scales, key_scales)
 
     def forward_scales(
-        self, cond: torch.Tensor, first: int, last: int, inputs: torch.Tensor | None, cache: KVCache | None
+        self, cond: ClassRows | torch.Tensor, first: int, last: int, inputs: torch.Tensor | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         """One block-causal pass over scales first..last on top of the cached earlier scales
         (:class:`~var.models.family.ScaleModel`); returns hidden states (rows, tokens of first..last, C)."""
-        x = self.input_tokens(cond, inputs, self.config.scale_bounds[first][0])
+        rows = ClassRows.of(cond)
+        x = self.input_tokens(rows.embedding, inputs, self.config.scale_bounds[first][0])
         mask = self.scale_mask(first, last, cache.length if cache is not None else 0)
-        return self.forward_hidden(x, cond, attn_mask=mask, cache=cache)
+        return self.forward_hidden(x, rows.embedding, attn_mask=mask, cache=cache, modulations=rows.modulations(self))
 
     # ----------------------------------------------------------------------------------------------
     def forward(
