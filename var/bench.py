@@ -368,17 +368,21 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
     return rows
 
 
-def bench_depth(depth: int | str, raster: bool, names: list[str], args: argparse.Namespace,
+def bench_model(family: str, size: int | str, names: list[str], args: argparse.Namespace,
                 settings: SamplingSettings, device: torch.device) -> list[dict]:
-    """Rows of every sampler in ``names`` (all for one model family) and batch size at one VAR depth, or one
-    LlamaGen size for the raster samplers."""
-    if raster:
-        model, tokenizer = build_llamagen_models(depth, args.tiny, device)
-        labels = {"depth": model.depth, "architecture": "tiny LlamaGen" if args.tiny else f"LlamaGen {depth}"}
+    """Rows of every sampler in ``names`` and batch size on one random-weight model: a VAR depth (``family``
+    "var"), a LlamaGen size ("llamagen", the raster samplers) or an Infinity size ("infinity")."""
+    if family == "llamagen":
+        model, tokenizer = build_llamagen_models(size, args.tiny, device)
+        labels = {"depth": model.depth, "architecture": "tiny LlamaGen" if args.tiny else f"LlamaGen {size}"}
+    elif family == "infinity":
+        model, tokenizer, params = build_infinity_models(size, args.tiny, device, parse_aspect(args.aspect),
+                                                         args.resolution)
+        labels = {"depth": size, "params": params}
     else:
-        model, tokenizer = build_models(depth, args.tiny, device)
-        labels = {"depth": depth}
-    if args.compile:
+        model, tokenizer = build_models(size, args.tiny, device)
+        labels = {"depth": size}
+    if args.compile and family != "infinity":
         compile_for_sampling(model, tokenizer, args.compile)
     rows = bench_samplers(model, tokenizer, names, args, settings, device, **labels)
     del model, tokenizer  # the next model's peak memory must not include this one's weights
@@ -398,21 +402,17 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     settings = settings_from_args(args)
+    named = [(text, parse_sampler_spec(text)[0]) for text in args.samplers]
+    raster = [text for text, name in named if model_name_for(name) == "ar"]
+    scale = [text for text, name in named if model_name_for(name) != "ar"]
+    # Infinity: the next-scale samplers without a model-valued option (a random CoDe refiner is a VAR)
+    infinity = [text for text, name in named if model_name_for(name) != "ar"
+                and not any(spec.model for spec in sampler_options(name).values())]
     rows = []
-    for raster, models in ((False, args.depths), (True, args.llamagen_sizes)):
-        names = [text for text in args.samplers if (model_name_for(parse_sampler_spec(text)[0]) == "ar") == raster]
-        for model in models if names else ():
-            rows += bench_depth(model, raster, names, args, settings, device)
-    for size in args.infinity or []:
-        # next-scale samplers without a model-valued option (a random CoDe refiner is a VAR)
-        names = [text for text in args.samplers if model_name_for(parse_sampler_spec(text)[0]) != "ar"
-                 and not any(spec.model for spec in sampler_options(parse_sampler_spec(text)[0]).values())]
-        model, tokenizer, params = build_infinity_models(size, args.tiny, device, parse_aspect(args.aspect),
-                                                         args.resolution)
-        rows += bench_samplers(model, tokenizer, names, args, settings, device, depth=size, params=params)
-        del model, tokenizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for family, sizes, names in (("var", args.depths, scale), ("llamagen", args.llamagen_sizes, raster),
+                                 ("infinity", args.infinity or [], infinity)):
+        for size in sizes if names else ():
+            rows += bench_model(family, size, names, args, settings, device)
     report = {
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

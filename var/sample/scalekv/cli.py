@@ -17,6 +17,7 @@ from var.sample.arguments import (
     add_settings_arguments,
     add_text_arguments,
     apply_release,
+    encode_prompts,
     load_models,
     read_prompts,
     settings_from_args,
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     use_text_arguments(args, model, prompts)
     cfg = budget_shape(model)
     if prompts is not None:
-        labels = encoder.encode_infinity(prompts)
+        labels = encode_prompts(encoder, model, prompts)
         del encoder
     elif args.labels is not None:
         labels = torch.tensor(args.labels)
