@@ -24,7 +24,7 @@ import torch_fidelity
 from var.argtypes import integer
 from var.eval.evaluate import METRICS, Evaluator
 from var.eval.fidelity import INCEPTION
-from var.eval.generate import class_balanced_labels, generate_samples, process_state
+from var.eval.generate import class_balanced_labels, generate_samples, processes
 from var.eval.images import Samples, export_order, load_samples, save_npz_samples, save_pngs
 from var.eval.paired import compare_images
 from var.eval.report import plot_sweep, write_json
@@ -207,7 +207,14 @@ def run(args: argparse.Namespace) -> None:
     if from_model:
         apply_release(args)  # a released model's files are resolved and checked here
         settings_from_args(args)  # bad sampling settings fail before any weights are read
-    state, device = process_state(args.device)
+    with processes(args.device) as (state, device):
+        evaluate_in_process(args, state, device, prompts, sweep)
+
+
+def evaluate_in_process(args: argparse.Namespace, state, device: torch.device, prompts: list[str] | None,
+                        sweep: tuple[str, list] | None) -> None:
+    """This process's part of ``var eval``: its share of the sampling and feature extraction; the main process
+    also writes the exports, reports and sweep plot."""
     encoder = T5TextEncoder(args.text_encoder, device=device) if prompts else None  # missing T5: fail first
     with state.main_process_first():  # the main process trains/caches shared judges first
         evaluator = build_evaluator(args, device)  # weights and reference checked before any sampling

@@ -10,6 +10,8 @@ global order, so the result is identical for any number of processes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -32,19 +34,23 @@ def class_balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def process_state(device: str = "auto") -> tuple[PartialState, torch.device]:
-    """accelerate's process state and this process's device ('cpu' runs the processes over gloo).
+@contextmanager
+def processes(device: str = "auto") -> Iterator[tuple[PartialState, torch.device]]:
+    """accelerate's process state and this process's device ('cpu' runs the processes over gloo), for one command.
 
     The collective timeout is long because the other processes wait in the next collective while the main
-    process writes exports (minutes for 50k samples).  Python warnings show on the main process only.
+    process writes exports (minutes for 50k samples).  Python warnings show on the main process only.  When the
+    command succeeds every process waits for the others and then destroys the process group: a gloo group left
+    for the interpreter's shutdown aborts the process (SIGABRT, "terminate called without an active exception").
+    After an error nothing waits, so a failed process never hangs the others in a barrier they cannot reach.
     """
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     check_launch(state.num_processes)  # e.g. ``accelerate launch --cpu --num_processes 2`` runs one process
     quiet_other_processes(state.is_main_process)
-    if device == "auto" or state.num_processes > 1:
-        return state, state.device
-    return state, resolve_device(device)
+    yield state, (state.device if device == "auto" or state.num_processes > 1 else resolve_device(device))
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def image_shape(sampler) -> tuple[int, int]:
