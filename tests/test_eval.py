@@ -417,11 +417,14 @@ def test_eval_samples_the_raster_ar_for_ar_samplers(tmp_path):
     bundle = tmp_path / "ar_bundle"
     save_model(VQVAE(tiny_vqvae_config(patch_nums=(4,))), bundle)
     save_model(tiny_llamagen(n_layer=1, dim=32), bundle, "ar")
+    passes = {}
     for sampler in ("ar", "sjd"):
         out = tmp_path / sampler
         main(["eval", "--ckpt", str(bundle), "--sampler", sampler, "--device", "cpu", "--per-class", "2",
               "--no-metrics", "--no-progress", "--out", str(out)])
         assert sorted(load_samples(out / "samples.npz").labels.tolist()) == [0, 0, 1, 1, 2, 2]
+        passes[sampler] = json.loads((out / "report.json").read_text())["sampling"]["passes_per_image"]
+    assert passes["ar"] == 16 and 1 <= passes["sjd"] < 16  # 4x4 tokens: one pass each, or fewer speculating
 
 
 def test_sharded_sampling_over_two_processes_matches_one(tmp_path, tiny_bundle):
@@ -440,3 +443,5 @@ def test_sharded_sampling_over_two_processes_matches_one(tmp_path, tiny_bundle):
     assert torch.equal(one.labels, two.labels) and torch.equal(one.images, two.images)  # the same export order
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["sampling"]["num_processes"] == 2
+    assert report["sampling"]["passes_per_image"] == json.loads((tmp_path / "one" / "report.json").read_text())[
+        "sampling"]["passes_per_image"]

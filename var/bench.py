@@ -369,9 +369,10 @@ def bench_samplers(model: nn.Module, vqvae: VQVAE, names: list[str], args: argpa
 
 
 def bench_model(family: str, size: int | str, names: list[str], args: argparse.Namespace,
-                settings: SamplingSettings, device: torch.device) -> list[dict]:
+                device: torch.device) -> tuple[list[dict], SamplingSettings]:
     """Rows of every sampler in ``names`` and batch size on one random-weight model: a VAR depth (``family``
-    "var"), a LlamaGen size ("llamagen", the raster samplers) or an Infinity size ("infinity")."""
+    "var"), a LlamaGen size ("llamagen", the raster samplers) or an Infinity size ("infinity"); and the
+    sampling settings they used (the flags given, the family's defaults for the others)."""
     if family == "llamagen":
         model, tokenizer = build_llamagen_models(size, args.tiny, device)
         labels = {"depth": model.depth, "architecture": "tiny LlamaGen" if args.tiny else f"LlamaGen {size}"}
@@ -384,11 +385,12 @@ def bench_model(family: str, size: int | str, names: list[str], args: argparse.N
         labels = {"depth": size}
     if args.compile and family != "infinity":
         compile_for_sampling(model, tokenizer, args.compile)
+    settings = settings_from_args(args, model)
     rows = bench_samplers(model, tokenizer, names, args, settings, device, **labels)
     del model, tokenizer  # the next model's peak memory must not include this one's weights
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
+    return rows, settings
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -401,22 +403,23 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    settings = settings_from_args(args)
     named = [(text, parse_sampler_spec(text)[0]) for text in args.samplers]
     raster = [text for text, name in named if model_name_for(name) == "ar"]
     scale = [text for text, name in named if model_name_for(name) != "ar"]
     # Infinity: the next-scale samplers without a model-valued option (a random CoDe refiner is a VAR)
     infinity = [text for text, name in named if model_name_for(name) != "ar"
                 and not any(spec.model for spec in sampler_options(name).values())]
-    rows = []
+    rows, sampling = [], {}
     for family, sizes, names in (("var", args.depths, scale), ("llamagen", args.llamagen_sizes, raster),
                                  ("infinity", args.infinity or [], infinity)):
         for size in sizes if names else ():
-            rows += bench_model(family, size, names, args, settings, device)
+            family_rows, settings = bench_model(family, size, names, args, device)
+            rows += family_rows
+            sampling[family] = dataclasses.asdict(settings)
     report = {
         "settings": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": args.dtype, **dataclasses.asdict(settings),
+            "torch": torch.__version__, "dtype": args.dtype, "sampling": sampling,
             "vae_decode_included": not args.no_decode, "weights": "random",
             "sizes": "tiny" if args.tiny else "official", "warmup": args.warmup, "runs": args.runs,
             "compile": args.compile,
@@ -457,7 +460,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=integer(1), default=3)
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the timing")
     parser.add_argument("--compile", nargs="?", const="default", help="torch.compile mode (e.g. reduce-overhead)")
-    add_option_arguments(parser.add_argument_group("sampling settings"), SETTINGS, defaults=True)
+    add_option_arguments(parser.add_argument_group(
+        "sampling settings", "a setting not given takes each model family's default (VAR: the official "
+        "cfg 1.5, top-k 900, top-p 0.96; LlamaGen: cfg-scale 4 as --cfg 3, top-k 2000, top-p 1)"), SETTINGS)
     group = parser.add_argument_group("sampler options (each applies to every listed sampler that takes it)")
     add_option_arguments(group, VALUE_OPTIONS, option_users())
     for name in MODEL_OPTIONS:

@@ -43,7 +43,7 @@ from torch import nn
 from var.checkpoints import load_official_var, load_official_vqvae
 from var.compile import compile_for_sampling
 from var.plots import save_figure
-from var.sample.arguments import settings_from_args
+from var.sample.arguments import SETTINGS, settings_from_args
 from var.sample.code import CoDeSampler
 from var.sample.logits import SamplingSettings
 from var.sample.scale import VARSampler
@@ -562,7 +562,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.runs < 1:
         raise SystemExit("var bench: error: --runs must be at least 1")
     if args.tiny:  # the official top-k needs k <= vocabulary size
-        args.top_k = [min(k, TINY_SIZES["V"]) for k in args.top_k]
+        args.top_k = [min(k, TINY_SIZES["V"]) for k in args.top_k or [SETTINGS["top_k"].default]]
         args.refiner_depth = min(args.refiner_depth, 1)
     official_settings(args)  # fails early on settings the official code cannot take
     if args.draft_steps is None:  # CoDe's default: all but the last two scales

@@ -174,7 +174,9 @@ def export_and_evaluate(samples: Samples, evaluator: Evaluator | None, out: Path
                   exports=exports, versions=versions(), command=sys.argv)
     write_json(out / "report.json", report)
     line = summary_line(metrics)
-    print(f"{out}: {len(samples.images)} samples" + (f"  {line}" if line else ""))
+    passes = report.get("sampling", {}).get("passes_per_image")
+    print(f"{out}: {len(samples.images)} samples" + (f" ({passes:.2f} forward passes per image)" if passes else "")
+          + (f"  {line}" if line else ""))
     for note in metrics.get("notes", []):
         print(f"note: {note}")
     return metrics
@@ -269,8 +271,9 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
     options = sampler_options_from_args(run_args, device, tokenizer=vqvae, model=model)
     sampler = build_sampler(run_args.sampler, model, vqvae, settings, **options)
     start = time.perf_counter()
+    stats: dict = {}
     samples = generate_samples(sampler, conditions, run_args.batch_size, run_args.seed, device, run_args.dtype,
-                               state, progress=not args.no_progress)
+                               state, progress=not args.no_progress, stats=stats)
     seconds = time.perf_counter() - start
     if not state.is_main_process:
         if evaluator is not None:
@@ -287,6 +290,7 @@ def evaluate_setting(args: argparse.Namespace, name: str | None, value, model, v
             "aspect": args.aspect} if prompts else {"per_class": args.per_class, "num_classes": model.num_classes}),
         "dtype": run_args.dtype, "device": str(device), "num_processes": state.num_processes,
         "sampling_s": round(seconds, 3), "samples_per_s": round(len(conditions) / max(seconds, 1e-9), 3),
+        **stats,
     }}
     if sweep:
         report["sweep"] = {name: value}

@@ -77,31 +77,38 @@ def generate_samples(
     dtype: str = "fp32",
     state: PartialState | None = None,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> Samples | None:
     """Sample one image per label (class labels, or encoded prompts: the samples then carry no labels), sharded
     over processes; the main process gets them all, in order.
 
-    Returns the uint8 samples on the main process and None on the others.
+    Returns the uint8 samples on the main process and None on the others; there ``stats`` (when given) gets
+    ``passes_per_image``, the mean number of model forward passes per image (what speculative samplers save).
     """
     state = state or PartialState()
     count, processes, rank = len(labels), state.num_processes, state.process_index
     num_batches = math.ceil(count / batch_size)
     height, width = image_shape(sampler)
-    images_out, ids_out = [], []
+    images_out, ids_out, passes_out = [], [], []
     bar = tqdm(total=count, desc="sampling", unit="img", disable=not (progress and state.is_main_process))
     for round_start in range(0, num_batches, processes):
         batch = round_start + rank
         images = torch.zeros(batch_size, 3, height, width, dtype=torch.uint8)  # padding where this rank is idle
         ids = torch.full((batch_size,), -1, dtype=torch.long)
+        passes = torch.zeros(batch_size)  # the batch's mean passes per image, for each of its images
         if batch < num_batches:
-            sampled = sample_in_batches(sampler, labels, batch_size, seed, device, dtype, False, [batch])
+            batch_stats: list[dict] = []
+            sampled = sample_in_batches(sampler, labels, batch_size, seed, device, dtype, False, [batch],
+                                        batch_stats)
             images[:len(sampled)] = sampled
             ids[:len(sampled)] = torch.arange(batch * batch_size, batch * batch_size + len(sampled))
-        images, ids = gather((images.to(state.device), ids.to(state.device)))  # (P * B, ...) in rank order
-        if state.is_main_process:
+            passes[:len(sampled)] = batch_stats[0]["passes_per_image"]
+        images, ids, passes = gather((images.to(state.device), ids.to(state.device), passes.to(state.device)))
+        if state.is_main_process:  # (P * B, ...) in rank order
             keep = ids >= 0
             images_out.append(images[keep].cpu())
             ids_out.append(ids[keep].cpu())
+            passes_out.append(passes[keep].cpu())
             bar.update(int(keep.sum()))
     bar.close()
     if not state.is_main_process:
@@ -109,4 +116,6 @@ def generate_samples(
     ids = torch.cat(ids_out)
     if not torch.equal(ids, torch.arange(count)):
         raise RuntimeError(f"sharded sampling returned {len(ids)} samples out of order or incomplete (of {count})")
+    if stats is not None:
+        stats["passes_per_image"] = round(torch.cat(passes_out).mean().item(), 3)
     return Samples(torch.cat(images_out), labels.cpu() if isinstance(labels, torch.Tensor) else None)
