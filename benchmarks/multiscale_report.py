@@ -140,8 +140,9 @@ def plot_report(results: dict, speculation: dict, path: Path) -> None:
         if name in results:
             fidelity.scatter(*point(name), marker="s")
             same = results[name]["psnr_db_pooled"] >= 100
-            fidelity.annotate(f"{name} (identical)" if same else name, point(name), fontsize=8,
-                              xytext=(-70, -12) if same else (4, 4), textcoords="offset points")
+            offset = (-70, -12) if same else (-20, -14) if "scalekv" in name else (4, 4)  # clear of the curve
+            fidelity.annotate(f"{name} (identical)" if same else name, point(name), fontsize=8, xytext=offset,
+                              textcoords="offset points")
     floor = [n for n in results if results[n].get("dtype") == "bf16"]
     for name in floor:
         fidelity.axhline(results[name]["psnr_db_pooled"], color="tab:red", linewidth=0.8,
@@ -150,6 +151,7 @@ def plot_report(results: dict, speculation: dict, path: Path) -> None:
     fidelity.axhline(30, color="grey", linestyle="--", linewidth=0.8)
     fidelity.axvline(10, color="grey", linestyle=":", linewidth=0.8)
     fidelity.text(10.5, 30.5, "target: >= 30 dB at <= 10 % KV", fontsize=8, color="grey")
+    fidelity.set_ylim(bottom=min(point(name)[1] for name in results) - 5)  # room for the labels below points
     fidelity.set_xscale("log")
     fidelity.set_xlabel("KV-cache bytes, % of plain var's (log)")
     fidelity.set_ylabel("pooled PSNR vs var, same seeds (dB; identical = 60 on this axis)")
@@ -159,9 +161,9 @@ def plot_report(results: dict, speculation: dict, path: Path) -> None:
     quality.bar(x - 0.2, [100 * results[n]["class_consistency"] for n in names], 0.4, label="class-consistency %")
     quality.bar(x + 0.2, [100 * results[n]["recall"] for n in names], 0.4, label="recall x 100")
     quality.set_xticks(x.tolist(), names, rotation=30, ha="right", fontsize=8)
-    quality.set_ylim(0, 105)
+    quality.set_ylim(0, 125)  # the legend sits above the bars
     quality.set_ylabel("%")
-    quality.legend(fontsize=8, loc="lower left")
+    quality.legend(fontsize=8, loc="upper center", ncol=2)
     quality.set_title(better_title("Sample quality per sampler", HIGHER))
     batches = list(speculation)
     passes.bar([str(b) for b in batches], [speculation[b]["passes_per_image"] for b in batches], label="sjd-scale")

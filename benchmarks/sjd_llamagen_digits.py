@@ -1,10 +1,9 @@
 """SJD against plain raster decoding on a trained LlamaGen-architecture digits model (issue 13's acceptance).
 
-    var train-tokenizer --config configs/digits_multiscale.yaml --out runs/tok8 "tokenizer.model.patch_nums=[8]"
-    var train --config configs/digits_multiscale.yaml --model ar --tokenizer runs/tok8 --out runs/ar8 \\
-        var.train.steps=1500 var.train.batch_size=64
-    python benchmarks/sjd_llamagen_digits.py --ckpt runs/ar8 --out benchmarks/sjd_llamagen_digits.json \\
-        --variants "" "temperature=0.7" "top_k=8"
+    var train-tokenizer --config configs/digits_raster.yaml --out runs/digits_tok8
+    var train --config configs/digits_raster.yaml --model ar --tokenizer runs/digits_tok8 --out runs/digits_ar8
+    python benchmarks/sjd_llamagen_digits.py --ckpt runs/digits_ar8 --out benchmarks/sjd_llamagen_digits.json \
+        --per-class 20 --batch-sizes 1 10 --variants "cfg=0.5" ""
 
 For every variant of the sampling settings (``key=value,...`` over the model family's defaults, LlamaGen's
 official cfg-scale 4 / top-k 2000 / top-p 1 / temperature 1; ``""`` is the defaults alone), ``ar`` and ``sjd``
@@ -74,6 +73,8 @@ def main() -> None:
                         help='settings over the family defaults, e.g. "" "temperature=0.7" "top_k=8,cfg=1"')
     parser.add_argument("--sjd-window", type=int, default=16)
     parser.add_argument("--draft-init", default="above")
+    parser.add_argument("--gumbel", action="store_true",
+                        help="both samplers draw with seed-keyed Gumbel noise: sjd then returns ar's tokens exactly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny model, shared CPU)")
     args = parser.parse_args()
@@ -90,15 +91,16 @@ def main() -> None:
         "classifier_accuracy": class_consistency(classifier, held_out.images, held_out.labels),
         "reconstruction_consistency": class_consistency(classifier, reconstructed, held_out.labels),
         "num_samples": model.num_classes * args.per_class, "seed": args.seed,
+        "gumbel": args.gumbel,
         "sjd": {"sjd_window": args.sjd_window, "draft_init": args.draft_init}, "runs": [],
     }
     labels = class_balanced_labels(model.num_classes, args.per_class)
     for text in args.variants:
         given = argparse.Namespace(**{**dict.fromkeys(SETTINGS), **parse_variant(text)})
         settings = settings_from_args(given, model)  # what `var sample` would use with these flags
-        samplers = {"ar": build_sampler("ar", model, tokenizer, settings),
-                    "sjd": build_sampler("sjd", model, tokenizer, settings, sjd_window=args.sjd_window,
-                                         draft_init=args.draft_init)}
+        samplers = {"ar": build_sampler("ar", model, tokenizer, settings, gumbel=args.gumbel),
+                    "sjd": build_sampler("sjd", model, tokenizer, settings, gumbel=args.gumbel,
+                                         sjd_window=args.sjd_window, draft_init=args.draft_init)}
         for batch_size in args.batch_sizes:
             row = {"variant": text, "settings": {n: getattr(settings, n) for n in ("cfg", "top_k", "top_p",
                                                                                    "temperature")},

@@ -85,8 +85,7 @@ def test_unknown_config_keys_are_rejected_with_a_suggestion(tmp_path):
         load_experiment(bad)
 
 
-@pytest.mark.parametrize("name", ["digits", "shapes", "imagenet256_d16", "imagenet256_d20", "imagenet256_d24",
-                                  "imagenet256_d30", "imagenet256_tokenizer"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     experiment = load_experiment(REPO / "configs" / f"{name}.yaml")
     assert experiment.data.image_size == experiment.tokenizer.model.image_size

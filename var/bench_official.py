@@ -676,16 +676,22 @@ def plot(rows: list[dict], path: Path, settings: dict) -> None:
                 ("min_decode_speed_cpu", "decode speed (CPU time)"), ("peak_memory", "peak memory"),
                 ("kv_bytes", "KV bytes"))
     bar = 0.8 / len(measures)
+    tallest = 1.0
     for i, (key, name) in enumerate(measures):
-        ax_ratio.bar(x - 0.4 + bar * (i + 0.5), [r["ratios"].get(key) or 0 for r in rows], bar, label=name)
+        values = [r["ratios"].get(key) or 0 for r in rows]
+        tallest = max(tallest, *values)
+        ax_ratio.bar(x - 0.4 + bar * (i + 0.5), values, bar, label=name)
     ax_ratio.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax_ratio.set_ylim(0, tallest * 1.45)  # headroom: the legend sits above the bars, never on them
     ax_ratio.set_ylabel("ours / official (speed: official time / ours)")
     ax_ratio.set_title("Ratios: speed > 1 and memory < 1 favour ours")
     for axis in axes.flat:
         axis.set_xticks(x, labels, rotation=30 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
         axis.set_xlabel("configuration (depth, batch size)")
         axis.grid(axis="y", alpha=0.3)
+    for axis in (ax_speed, ax_time, ax_memory):
         axis.legend(fontsize=7)
+    ax_ratio.legend(fontsize=7, ncol=3, loc="upper center")
     fig.suptitle(f"ours vs official on {settings['device']} ({settings['dtype']}, cfg {settings['cfg']}, "
                  f"top-k {settings['top_k']}, top-p {settings['top_p']}, decode included, "
                  f"{settings['runs']} interleaved runs)")
