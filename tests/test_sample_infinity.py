@@ -339,7 +339,8 @@ def official_files(tmp_path):
 
 def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypatch, capsys):
     """`var sample --vae BSQ --var INFINITY --prompt ...`: the family is told by the keys, the prompts are
-    encoded by T5 from the local Hugging Face cache, the schedule comes from --resolution/--aspect."""
+    encoded by T5 from the local Hugging Face cache, the schedule comes from --resolution/--aspect, and the
+    sampling settings not given are Infinity's official ones (cfg 4 = --cfg 3, tau 0.5, top-k 900, top-p 0.97)."""
     from huggingface_hub import constants
 
     from var.cli import main
@@ -347,8 +348,8 @@ def test_var_sample_with_official_infinity_files_and_prompts(tmp_path, monkeypat
     from var.text import FLAN_T5_XL, T5TextEncoder
 
     cache, model, tokenizer = official_files(tmp_path)
-    flags = ["sample", "--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"), "--cfg", "3",
-             "--temperature", "0.5", "--top-k", "900", "--top-p", "0.97", "--resolution", "256", "--aspect", "4:3",
+    flags = ["sample", "--vae", str(tmp_path / "bsq.pth"), "--var", str(tmp_path / "infinity.pth"),
+             "--resolution", "256", "--aspect", "4:3",
              "--seed", "1", "--prompt", "a red car", "a photo of a dog"]
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match=f"text encoder {FLAN_T5_XL} is not in the local Hugging Face cache"):

@@ -151,6 +151,12 @@ class InfinityRule(TokenRule):
     """
 
     supports_infinity_guidance = True
+    # the released infer.sh / run_infinity: --cfg 4 (our cfg 3.0), --tau 0.5, top-k 900, top-p 0.97, guidance on
+    # the logits (cfg_insertion_layer [0]); VAR's top-p 0.96 and temperature 1 are not Infinity's
+    OFFICIAL_DEFAULTS = {"cfg": 3.0, "top_k": 900, "top_p": 0.97, "temperature": 0.5, "cfg_layer": 0}
+
+    def default_settings(self) -> dict:
+        return dict(self.OFFICIAL_DEFAULTS)
 
     def weights(self, settings: SamplingSettings) -> list[float]:
         """The official cfg_s = 1 + t_s of every scale."""
