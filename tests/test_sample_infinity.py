@@ -414,7 +414,8 @@ def test_var_sample_code_with_official_infinity_refiners(tmp_path, monkeypatch, 
              "--seed", "2", "--prompt", "a red car", "a cat", "--out", str(tmp_path / "grid.png")]
     text = T5TextEncoder(cache_dir=cache).encode_infinity(["a red car", "a cat"])
     schedule = schedule_for(0.75, "0.06M")
-    direct = CoDeSampler(drafter.use_schedule(schedule), tokenizer, SamplingSettings(cfg=3.0, top_p=0.9),
+    settings = SamplingSettings(cfg=3.0, top_p=0.9, temperature=0.5)  # the flags, then Infinity's defaults
+    direct = CoDeSampler(drafter.use_schedule(schedule), tokenizer, settings,
                          refiner=refiner.use_schedule(schedule), draft_steps=3).sample(text, seed=2)
     for source in ("refiner.safetensors", "refiner_shards"):
         main(flags + ["--refiner", str(tmp_path / source), "--npz", str(tmp_path / "samples.npz")])
