@@ -30,7 +30,7 @@ from var.models.infinity import INFINITY_SIZES, Infinity, InfinityConfig, Packed
 from var.models.infinity_schedules import parse_aspect, schedule_for
 from var.models.llamagen import LLAMAGEN_SIZES, LlamaGen, llamagen_config
 from var.models.var import build_var
-from var.sample.arguments import SETTINGS, settings_from_args
+from var.sample.arguments import SETTINGS, family_defaults_help, settings_from_args
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, given_options
 from var.sample.registry import (
@@ -460,9 +460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=integer(1), default=3)
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the timing")
     parser.add_argument("--compile", nargs="?", const="default", help="torch.compile mode (e.g. reduce-overhead)")
-    add_option_arguments(parser.add_argument_group(
-        "sampling settings", "a setting not given takes each model family's default (VAR: the official "
-        "cfg 1.5, top-k 900, top-p 0.96; LlamaGen: cfg-scale 4 as --cfg 3, top-k 2000, top-p 1)"), SETTINGS)
+    add_option_arguments(parser.add_argument_group("sampling settings", family_defaults_help()), SETTINGS)
     group = parser.add_argument_group("sampler options (each applies to every listed sampler that takes it)")
     add_option_arguments(group, VALUE_OPTIONS, option_users())
     for name in MODEL_OPTIONS:

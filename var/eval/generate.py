@@ -86,12 +86,12 @@ def generate_samples(
     ``passes_per_image``, the mean number of model forward passes per image (what speculative samplers save).
     """
     state = state or PartialState()
-    count, processes, rank = len(labels), state.num_processes, state.process_index
+    count, num_processes, rank = len(labels), state.num_processes, state.process_index
     num_batches = math.ceil(count / batch_size)
     height, width = image_shape(sampler)
     images_out, ids_out, passes_out = [], [], []
     bar = tqdm(total=count, desc="sampling", unit="img", disable=not (progress and state.is_main_process))
-    for round_start in range(0, num_batches, processes):
+    for round_start in range(0, num_batches, num_processes):
         batch = round_start + rank
         images = torch.zeros(batch_size, 3, height, width, dtype=torch.uint8)  # padding where this rank is idle
         ids = torch.full((batch_size,), -1, dtype=torch.long)

@@ -23,7 +23,7 @@ from var.models.llamagen import Captions
 from var.sample.logits import SamplingSettings
 from var.sample.options import add_option_arguments, check_applicable, declared, given_options
 from var.sample.registry import SAMPLER_NAMES, all_options, model_name_for, option_users, sampler_options
-from var.sample.rules import LlamaGenRule, rule_for
+from var.sample.rules import InfinityRule, LlamaGenRule, rule_for
 from var.text import FLAN_T5_XL, T5TextEncoder
 
 SETTINGS = declared(SamplingSettings)
@@ -47,12 +47,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use the tokenizer given although the transformer was trained on another one")
 
 
+def family_defaults_help() -> str:
+    """What a sampling setting not given becomes for each model family (the settings group's help)."""
+    def flags(values: dict) -> str:
+        return " ".join(f"{SETTINGS[name].flag} {value:g}" for name, value in values.items())
+
+    llamagen = "; ".join(f"LlamaGen {kind}: {flags(values)}" for kind, values in LlamaGenRule.OFFICIAL_DEFAULTS.items())
+    return (f"the defaults shown are VAR's; the other families take their official ones ({llamagen}; "
+            f"Infinity: {flags(InfinityRule.OFFICIAL_DEFAULTS)})")
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampling settings (guidance, filtering), the seed and the batch size."""
-    llamagen = "; ".join(f"{kind}: " + " ".join(f"{SETTINGS[name].flag} {value:g}" for name, value in values.items())
-                         for kind, values in LlamaGenRule.OFFICIAL_DEFAULTS.items())
-    group = parser.add_argument_group(
-        "sampling", f"the defaults shown are VAR's; a LlamaGen model takes its official ones ({llamagen})")
+    group = parser.add_argument_group("sampling", family_defaults_help())
     add_option_arguments(group, SETTINGS)  # None = not given: a release's or the declared default applies
     group.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="batch i is sampled with seed + i")
     group.add_argument("--batch-size", type=integer(1), default=64)
