@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from var.utils import atomic_write_text
+
 VARIANTS = ("dynamic", "static")
 
 
@@ -100,7 +102,7 @@ def main() -> None:
                            "dtype": "fp32", "decode": False, "time": "process CPU time, min of runs",
                            "command": " ".join(["python", *sys.argv])},
               "load_average": {"before": load_before, "after": os.getloadavg()}, "results": rows}
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -37,7 +37,7 @@ from var.loading import load_one, load_pair
 from var.plots import HIGHER, better_title, pyplot, save_figure
 from var.sample.logits import SamplingSettings
 from var.sample.registry import build_sampler
-from var.utils import autocast, to_uint8
+from var.utils import atomic_write_text, autocast, to_uint8
 
 BUDGETS = (0.05, 0.1, 0.2)
 SWEEP_BUDGET = 0.1
@@ -255,7 +255,7 @@ def main() -> None:
         print(f"sjd-scale batch {batch}", json.dumps(speculation[batch]), flush=True)
     report = {"settings": vars(args), "num_samples": len(labels), "load_average": os.getloadavg(),
               "samplers": results, "sjd_scale_batches": speculation}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     plot_report(results, speculation, Path(args.plot) if args.plot else out / "report.png")
     header = ("| sampler | consistency | recall | precision | classifier FID | PSNR dB vs var (pooled / per-image "
               "mean) | SSIM | identical tokens | KV bytes (vs var) | passes/img | CPU img/s |")
@@ -275,7 +275,7 @@ def main() -> None:
                      f"{s['kv_bytes'] / s['plain_kv_bytes']:.3f} | {s['cpu_images_per_s']:.1f} "
                      f"({s['plain_cpu_images_per_s']:.1f}) |")
     table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
+    atomic_write_text(out / "table.md", table + "\n")
     print(table)
 
 

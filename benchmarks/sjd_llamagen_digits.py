@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,6 +31,7 @@ from var.loading import load_pair
 from var.sample.arguments import SETTINGS, settings_from_args
 from var.sample.batches import sample_in_batches
 from var.sample.registry import build_sampler
+from var.utils import atomic_write_text
 
 
 def parse_variant(text: str) -> dict:
@@ -115,8 +115,7 @@ def main() -> None:
                   f"x{row['batch_passes_ratio']:.3f}); class-consistency ar {row['ar']['class_consistency']:.3f} "
                   f"sjd {row['sjd']['class_consistency']:.3f} (+-{row['ar']['class_consistency_se']:.3f})",
                   flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} (classifier {report['classifier_accuracy']:.3f} on held-out digits, "
           f"{report['reconstruction_consistency']:.3f} on their reconstructions through the tokenizer)")
 

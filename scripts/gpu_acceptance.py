@@ -45,7 +45,7 @@ from var.config import load_experiment
 from var.eval.fidelity import write_random_inception_weights
 from var.loading import load_pair
 from var.sample.registry import model_name_for
-from var.utils import resolve_device
+from var.utils import atomic_write_text, resolve_device
 
 PARTS = ("bench", "latency", "addons", "sjd", "fid")  # "all"
 EXTRA_PARTS = ("official",)  # need arguments "all" cannot supply
@@ -229,7 +229,7 @@ def main() -> None:
         print(f"== {part}", flush=True)
         summary[part] = globals()[f"part_{part}"](out / part, options)
         out.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(summary, indent=1))
+        atomic_write_text(summary_path, json.dumps(summary, indent=1))
         for name, result in summary[part]["checks"].items():
             print(f"  {'ok  ' if result['pass'] else 'FAIL'} {name}: {result['value']} "
                   f"({result.get('threshold', 'reported')})", flush=True)
