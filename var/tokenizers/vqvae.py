@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from var.pretrained import PretrainedMixin
+from var.tokenizers import winograd
 from var.tokenizers.quantizer import MultiScaleQuantizer
 
 OFFICIAL_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -89,13 +90,22 @@ def _fused_conv_add_available() -> bool:
 _FUSED_CONV_ADD = _fused_conv_add_available()
 
 
+def conv_inference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for inference (autograd off): 3x3 convolutions of large CPU float32 inputs by Winograd's
+    F(2x2, 3x3) (var/tokenizers/winograd.py: 4/9 of the multiplications, the same up to float rounding)."""
+    return winograd.conv3x3(conv, x) if winograd.applies(conv, x) else conv(x)
+
+
 def conv_accumulate_(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out += conv(x)`` in place, for inference (autograd off); returns the sum.
 
-    On CPU in float32 this is one oneDNN convolution with a fused sum into ``out``: the convolution's own
+    On CPU in float32 this is Winograd's F(2x2, 3x3) adding into ``out`` where it applies (see
+    ``conv_inference``), else one oneDNN convolution with a fused sum into ``out``: the convolution's own
     output is never allocated and no separate addition pass runs (the same sum, bit for bit).  Elsewhere
     it is ``conv(x).add_(out)`` (also under torch.compile, which fuses the two itself).
     """
+    if winograd.applies(conv, x) and out.is_contiguous(memory_format=torch.channels_last):
+        return winograd.conv3x3(conv, x, accumulate=out)
     fused = (_FUSED_CONV_ADD and out.device.type == "cpu" and conv.padding_mode == "zeros"
              and x.dtype == out.dtype == conv.weight.dtype == torch.float32
              and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
@@ -124,11 +134,11 @@ class ResnetBlock(nn.Module):
             return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
         # inference: activations in place, and conv1's output released before conv2 runs, so at most
         # three full-size tensors live at once (x, an activation, a convolution output)
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = conv_inference(self.conv1, F.silu(self.norm1(x), inplace=True))
         h = self.dropout(F.silu(self.norm2(h), inplace=True))
         if self.nin_shortcut is not None:
             return conv_accumulate_(self.conv2, h, self.nin_shortcut(x))
-        return conv_accumulate_(self.conv2, h, x) if consume else self.conv2(h).add_(x)
+        return conv_accumulate_(self.conv2, h, x) if consume else conv_inference(self.conv2, h).add_(x)
 
 
 class AttnBlock(nn.Module):
