@@ -33,12 +33,15 @@ def test_matches_the_direct_convolution(monkeypatch, band_rows, batch, in_channe
 
 def test_applies_only_to_cpu_float32_inference_of_same_3x3_convolutions(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_PIXELS", 64)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 4)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 8, 8)
     assert not winograd.applies(conv, x)  # autograd on: the training path keeps the library convolution
     with torch.no_grad():
         assert winograd.applies(conv, x)
         assert not winograd.applies(conv, torch.randn(1, 4, 4, 4))  # fewer than MIN_PIXELS
+        assert winograd.applies(conv, torch.randn(4, 4, 4, 4))  # ... counted over the batch
+        assert not winograd.applies(torch.nn.Conv2d(4, 3, 3, padding=1), x)  # fewer than MIN_CHANNELS
         assert not winograd.applies(conv, torch.randn(1, 4, 8, 10))  # not a multiple of the tile
         assert not winograd.applies(conv, x.double())
         for other in (torch.nn.Conv2d(4, 4, 3, padding=1, stride=2), torch.nn.Conv2d(4, 4, 1),
@@ -46,17 +49,22 @@ def test_applies_only_to_cpu_float32_inference_of_same_3x3_convolutions(monkeypa
             assert not winograd.applies(other, x)
 
 
-def test_decoder_with_winograd_gives_the_training_path_images(monkeypatch):
+def test_tokenizer_with_winograd_gives_the_training_path_latents_and_images(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_PIXELS", 16)  # every 3x3 convolution from 4x4 up
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     used = []
     conv3x3 = winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda *args, **kwargs: used.append(1) or conv3x3(*args, **kwargs))
     torch.manual_seed(0)
     vqvae = VQVAE(tiny_vqvae_config(ch=32, norm_groups=8, ch_mult=(1, 2, 2))).eval()
-    f_hat = torch.randn(2, 4, 4, 4)
-    reference = vqvae.fhat_to_image(f_hat)  # autograd on: plain convolutions
+    f_hat, images = torch.randn(2, 4, 4, 4), torch.rand(2, 3, 16, 16) * 2 - 1
+    reference_images = vqvae.fhat_to_image(f_hat)  # autograd on: plain convolutions
+    reference_latent = vqvae.encode_latent(images)
     with torch.no_grad():
-        images = vqvae.fhat_to_image(f_hat)
-    # one batch (small images): (conv1 + conv2) x 2 res blocks x (the middle + 3 levels, all at least 4x4)
-    assert len(used) == 2 * 2 * 4
-    torch.testing.assert_close(images, reference.detach(), rtol=0, atol=1e-4)
+        decoded = vqvae.fhat_to_image(f_hat)
+        # one batch (small images): (conv1 + conv2) x 2 res blocks x (the middle + 3 levels, all at least 4x4)
+        assert len(used) == 2 * 2 * 4
+        latent = vqvae.encode_latent(images)
+    assert len(used) > 16  # the encoder's res blocks too
+    torch.testing.assert_close(decoded, reference_images.detach(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(latent, reference_latent.detach(), rtol=0, atol=1e-4)

@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 TILE = 4  # output tile side; the input tile is TILE + 2
-# Below this many output pixels the kernel transform (4x the kernel's size, freshly allocated) outweighs the
-# saving (one CPU thread: 320 channels at 64x64, 92 ms direct vs 45 ms; 640 at 32x32, 95 vs 119 ms)
+# Where the saving outweighs the transforms, on one CPU thread (direct / Winograd): below MIN_PIXELS output
+# pixels per call the kernel transform (4x the kernel, freshly allocated) dominates (640 channels at 32x32:
+# 95 / 119 ms; 320 at 64x64: 92 / 45 ms), below MIN_CHANNELS the additions do (64 channels at 256x256:
+# 54 / 56 ms; 96 at 256x256: 120 / 88 ms; 160: 427 / 230 ms)
 MIN_PIXELS = 64 * 64
+MIN_CHANNELS = 96
 BAND_ROWS = 256  # GEMM rows (tiles) per band: the band's buffers stay a few MB at the decoder's widths
 
 # G (6 x 3) transforms the kernel; G g G^T for every channel pair is one product with the Kronecker matrix
@@ -33,13 +36,15 @@ _G_KRON_G = torch.kron(_G, _G)  # (36, 9): row 6a + b, column 3k + l holds G[a, 
 
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether ``conv(x)`` may run as F(4x4, 3x3): CPU float32 inference of a plain 3x3 'same' convolution on
-    an input whose sides are multiples of TILE, of at least MIN_PIXELS (elsewhere the library's convolution)."""
+    """Whether ``conv(x)`` may run as F(4x4, 3x3): CPU float32 inference of a plain 3x3 'same' convolution of at
+    least MIN_CHANNELS channels on a batch of at least MIN_PIXELS pixels whose sides are multiples of TILE
+    (elsewhere the library's convolution runs)."""
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and x.dtype == conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and x.shape[-2] % TILE == 0 and x.shape[-1] % TILE == 0 and x.shape[-2] * x.shape[-1] >= MIN_PIXELS)
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and x.shape[-2] % TILE == 0 and x.shape[-1] % TILE == 0 and x[:, 0].numel() >= MIN_PIXELS)
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
