@@ -1,9 +1,9 @@
-"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3), for the VQ-VAE decoder on CPU.
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3), for VQ-VAE inference on CPU.
 
 In float32 on one CPU thread oneDNN's direct 3x3 convolution already runs near the core's peak FLOP rate, so
-the decoder only gets faster by doing fewer multiplications.  F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for
-Convolutional Neural Networks", 2016) computes each 4x4 output tile from a 6x6 input tile with 36 products per
-channel pair instead of 144:
+the decoder (and encoder) only get faster by doing fewer multiplications.  F(4x4, 3x3) (Lavin & Gray, "Fast
+Algorithms for Convolutional Neural Networks", 2016) computes each 4x4 output tile from a 6x6 input tile with
+36 products per channel pair instead of 144:
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise over the 6x6 transformed tile)
 
@@ -103,7 +103,7 @@ def conv3x3(conv: nn.Conv2d, x: torch.Tensor, accumulate: torch.Tensor | None = 
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
     out = accumulate if accumulate is not None else torch.empty(
-        (batch, out_channels, height, width), memory_format=torch.channels_last)
+        (batch, out_channels, height, width), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     transformed_weight = transform_weight(weight)  # (36, in, out)
     pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
     result = out.permute(0, 2, 3, 1)  # (B, H, W, out), a view of out
