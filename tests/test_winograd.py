@@ -34,6 +34,7 @@ def test_matches_the_direct_convolution(monkeypatch, band_rows, batch, in_channe
 def test_applies_only_to_cpu_float32_inference_of_same_3x3_convolutions(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_PIXELS", 64)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 4)
+    monkeypatch.setattr(winograd, "MAX_THREADS", torch.get_num_threads())
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 8, 8)
     assert not winograd.applies(conv, x)  # autograd on: the training path keeps the library convolution
@@ -47,11 +48,14 @@ def test_applies_only_to_cpu_float32_inference_of_same_3x3_convolutions(monkeypa
         for other in (torch.nn.Conv2d(4, 4, 3, padding=1, stride=2), torch.nn.Conv2d(4, 4, 1),
                       torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(4, 4, 3)):
             assert not winograd.applies(other, x)
+        monkeypatch.setattr(winograd, "MAX_THREADS", torch.get_num_threads() - 1)
+        assert not winograd.applies(conv, x)  # more threads than MAX_THREADS: oneDNN parallelises better
 
 
 def test_tokenizer_with_winograd_gives_the_training_path_latents_and_images(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_PIXELS", 16)  # every 3x3 convolution from 4x4 up
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MAX_THREADS", torch.get_num_threads())
     used = []
     conv3x3 = winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda *args, **kwargs: used.append(1) or conv3x3(*args, **kwargs))

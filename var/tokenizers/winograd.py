@@ -27,6 +27,9 @@ TILE = 4  # output tile side; the input tile is TILE + 2
 # 54 / 56 ms; 96 at 256x256: 120 / 88 ms; 160: 427 / 230 ms)
 MIN_PIXELS = 64 * 64
 MIN_CHANNELS = 96
+# The band loop parallelises worse than oneDNN's direct convolution: on two threads (wall, direct / Winograd)
+# 160 channels at 256x256 take 203 / 152 ms, 320 at 64x64 53 / 54 ms; with more threads the direct one runs
+MAX_THREADS = 2
 BAND_ROWS = 256  # GEMM rows (tiles) per band: the band's buffers stay a few MB at the decoder's widths
 
 # G (6 x 3) transforms the kernel; G g G^T for every channel pair is one product with the Kronecker matrix
@@ -36,10 +39,11 @@ _G_KRON_G = torch.kron(_G, _G)  # (36, 9): row 6a + b, column 3k + l holds G[a, 
 
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether ``conv(x)`` may run as F(4x4, 3x3): CPU float32 inference of a plain 3x3 'same' convolution of at
-    least MIN_CHANNELS channels on a batch of at least MIN_PIXELS pixels whose sides are multiples of TILE
-    (elsewhere the library's convolution runs)."""
+    """Whether ``conv(x)`` may run as F(4x4, 3x3): CPU float32 inference on at most MAX_THREADS threads of a
+    plain 3x3 'same' convolution of at least MIN_CHANNELS channels on a batch of at least MIN_PIXELS pixels whose
+    sides are multiples of TILE (elsewhere the library's convolution runs)."""
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch.get_num_threads() <= MAX_THREADS
             and x.dtype == conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
