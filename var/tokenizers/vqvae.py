@@ -92,14 +92,14 @@ _FUSED_CONV_ADD = _fused_conv_add_available()
 
 def conv_inference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for inference (autograd off): 3x3 convolutions of large CPU float32 inputs by Winograd's
-    F(2x2, 3x3) (var/tokenizers/winograd.py: 4/9 of the multiplications, the same up to float rounding)."""
+    F(4x4, 3x3) (var/tokenizers/winograd.py: a quarter of the multiplications, the same up to float rounding)."""
     return winograd.conv3x3(conv, x) if winograd.applies(conv, x) else conv(x)
 
 
 def conv_accumulate_(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out += conv(x)`` in place, for inference (autograd off); returns the sum.
 
-    On CPU in float32 this is Winograd's F(2x2, 3x3) adding into ``out`` where it applies (see
+    On CPU in float32 this is Winograd's F(4x4, 3x3) adding into ``out`` where it applies (see
     ``conv_inference``), else one oneDNN convolution with a fused sum into ``out``: the convolution's own
     output is never allocated and no separate addition pass runs (the same sum, bit for bit).  Elsewhere
     it is ``conv(x).add_(out)`` (also under torch.compile, which fuses the two itself).

@@ -123,11 +123,11 @@ def conv3x3(conv: nn.Conv2d, x: torch.Tensor, accumulate: torch.Tensor | None = 
         outputs = x.new_empty((TILE, TILE, band, batch, tile_cols, out_channels))
     for first in range(0, tile_rows, band):
         count = min(band, tile_rows - first)
-        # padded rows 0 .. TILE*count+1 are input rows TILE*first-1 .. TILE*(first+count); out of range: zero
+        # padded rows 0 .. TILE*count+1 are input rows TILE*first-1 .. TILE*(first+count); those outside the
+        # image are zero: row -1 in the first band (zeros since allocation), the row past the end in the last
         top, bottom = TILE * first - 1, min(TILE * (first + count) + 1, height)
-        padded[:1].zero_()
-        padded[TILE * count + 1:].zero_()
         padded[max(0, -top):bottom - top, :, 1:width + 1] = pixels[:, max(top, 0):bottom].transpose(0, 1)
+        padded[bottom - top:TILE * count + 2].zero_()
         band_rows, band_tiles = rows_done[:, :count], tiles[:, :, :count]
         _input_transform(padded[:TILE * count + 2], band_rows, 0)  # (6, count, B, W + 2, C)
         _input_transform(band_rows, band_tiles.transpose(0, 1), 3)  # (6, 6, count, B, W/4, C)
